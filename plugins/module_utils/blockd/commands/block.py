@@ -1,0 +1,97 @@
+# -*- coding: utf-8 -*-
+# Copyright: blockdev.fleecing contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Node commands: blockdev-add, blockdev-del, query-named-block-nodes."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from ..errors import QMPError
+from ..graph import blockers
+from . import command
+
+
+@command("blockdev-add")
+def blockdev_add(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Open a node tree; the top node belongs to the monitor."""
+    if "node-name" not in args:
+        raise QMPError("'node-name' must be specified for the root node")
+    daemon.graph.open(args, monitor_owned=True)
+    return {}
+
+
+@command("blockdev-del")
+def blockdev_del(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Delete a monitor-owned node nobody else uses (checks in QEMU's order)."""
+    name = args["node-name"]
+    node = daemon.graph.find(name)
+    if node is None:
+        raise QMPError("Failed to find node with node-name='%s'" % name)
+    if node.backends:
+        raise QMPError("Node %s is in use" % name)
+    blockers.check(node, "drive-del")
+    if not node.monitor_owned:
+        raise QMPError("Node %s is not owned by the monitor" % name)
+    if node.parents:
+        raise QMPError("Block device %s is in use" % name)
+    daemon.graph.delete(node)
+    return {}
+
+
+def _image_info(node: Any, nested: bool) -> Dict[str, Any]:
+    drv = node.driver
+    info: Dict[str, Any] = {
+        "virtual-size": node.getlength(),
+        "filename": node.filename(),
+        "format": node.drv_name,
+    }
+    actual = drv.actual_size()
+    if actual is not None:
+        info["actual-size"] = actual
+    cluster = drv.cluster_size()
+    if cluster is not None:
+        info["cluster-size"] = cluster
+    info.update(drv.image_info())
+    backing = node.backing
+    if backing is not None:
+        info["backing-filename"] = backing.filename()
+        info["full-backing-filename"] = backing.filename()
+        if nested:
+            info["backing-image"] = _image_info(backing, nested)
+    return info
+
+
+def node_info(node: Any, nested: bool) -> Dict[str, Any]:
+    """QEMU's BlockDeviceInfo for one node, members in qsd's order."""
+    cache = node.options.get("cache", {})
+    info: Dict[str, Any] = {
+        "iops_rd": 0,
+        "detect_zeroes": node.options.get("detect-zeroes", "off"),
+        "image": _image_info(node, nested),
+        "iops_wr": 0,
+        "ro": node.read_only,
+        "node-name": node.name,
+        "backing_file_depth": node.backing_chain_depth(),
+        "drv": node.drv_name,
+        "iops": 0,
+        "bps_wr": 0,
+        "write_threshold": 0,
+        "encrypted": False,
+        "bps": 0,
+        "bps_rd": 0,
+        "cache": {"no-flush": bool(cache.get("no-flush", False)),
+                  "direct": bool(cache.get("direct", False)),
+                  "writeback": True},
+        "file": node.filename(),
+    }
+    if node.backing is not None:
+        info["backing_file"] = node.backing.filename()
+    return info
+
+
+@command("query-named-block-nodes")
+def query_named_block_nodes(daemon: Any, args: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every node, newest first, as qsd lists them."""
+    nested = not args.get("flat", False)
+    return [node_info(node, nested) for node in reversed(list(daemon.graph.nodes.values()))]

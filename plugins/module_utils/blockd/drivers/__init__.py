@@ -1,0 +1,33 @@
+# -*- coding: utf-8 -*-
+# Copyright: blockdev.fleecing contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Block drivers, by their blockdev-add ``driver`` name.
+
+blockd never probes formats: a node's driver is always the one named in its
+options.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Type
+
+from ..errors import QMPError
+from .base import Driver
+from .file import FileDriver
+from .null import NullDriver
+from .raw import RawDriver
+
+DRIVERS: Dict[str, Type[Driver]] = {
+    "file": FileDriver,
+    "raw": RawDriver,
+    "null-co": NullDriver,
+    "null-aio": NullDriver,
+}
+
+
+def lookup(name: str) -> Type[Driver]:
+    """The driver class for ``name`` (schema-valid but unimplemented drivers fail here)."""
+    try:
+        return DRIVERS[name]
+    except KeyError:
+        raise QMPError("Driver '%s' is not supported by blockd" % name) from None
