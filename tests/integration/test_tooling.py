@@ -1,0 +1,53 @@
+"""Smoke tests of the repository's scripts on qemu-storage-daemon.
+
+They check that scripts/demo and bench/nbd_throughput.py work end to end; they
+assert on correctness only, never on timing.  (The same runs on blockd belong
+here once the engine is complete: `DEMO_ENGINE=blockd`, `--engines blockd`.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import require_tool
+from helpers.daemon import REPO
+
+pytestmark = pytest.mark.qsd
+
+
+@pytest.fixture(autouse=True)
+def _tools():
+    for tool in ("qemu-storage-daemon", "qemu-io", "qemu-img", "nbdcopy", "nbdinfo"):
+        require_tool(tool)
+
+
+def test_demo_on_qsd():
+    env = {**os.environ, "DEMO_ENGINE": "qsd", "DEMO_SKIP_BOOTSTRAP": "1",
+           "DEMO_PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "DEMO OK"
+    assert any("exp0: nbd of node src0" in line for line in lines), proc.stdout
+
+
+def test_bench_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "nbd_throughput.py"),
+                           "--engines", "qsd", "--size-mib", "16", "--runs", "1",
+                           "--rounds", "1", "--dir", str(tmp_path), "--json", str(out)],
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    qsd = result["engines"]["qsd"]
+    assert "error" not in qsd
+    assert qsd["write_verified"] is True
+    assert qsd["exit_code"] == 0
+    assert set(qsd) >= {"read_mibs", "write_mibs", "read_runs", "write_runs"}
+    assert "seq read" in proc.stdout and "seq write" in proc.stdout
