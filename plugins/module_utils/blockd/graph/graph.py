@@ -102,6 +102,7 @@ class Graph:
             driver = drv_cls(node)
             node.set_driver(driver)
             driver.open(options)
+            node.set_driver(driver)  # open may have picked faster methods
         except BaseException:
             for role in list(node.children):
                 node.detach_child(role)
