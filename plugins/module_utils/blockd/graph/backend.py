@@ -75,6 +75,11 @@ class IOGate:
                 self._cond.notify_all()
 
     @property
+    def draining(self) -> bool:
+        """True while a drained section waits for, or holds, the gate."""
+        return self._quiesce > 0
+
+    @property
     def inflight(self) -> int:
         """Requests currently inside the gate."""
         return self._inflight

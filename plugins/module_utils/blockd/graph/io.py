@@ -20,7 +20,12 @@ Block status flags (what :meth:`Driver.block_status` returns), as in QEMU:
 Read segments (what :meth:`Driver.read_segments` returns) let the NBD server
 send file data with ``os.sendfile`` without copying it through Python:
 
-* ``(SEG_FD, fd, file_offset, length)`` -- bytes of an open file;
+* ``(SEG_FD, fd, file_offset, length)`` -- bytes of an open file.  ``sendfile``
+  queues page-cache pages, not copies: a write that lands before the client
+  has read the reply can show through.  Harmless for plain exports (the NBD
+  spec leaves overlapping requests undefined), wrong for a point-in-time view:
+  snapshot reads that fall through to a live source must return ``SEG_DATA``
+  (or the export must run with ``zero_copy=False``);
 * ``(SEG_ZERO, length)`` -- zeroes (may be sent as an NBD hole);
 * ``(SEG_DATA, buffer)`` -- bytes already in memory.
 """
