@@ -55,7 +55,8 @@ def _image_info(node: Any, nested: bool) -> Dict[str, Any]:
     info.update(drv.image_info())
     backing = node.backing
     if backing is not None:
-        info["backing-filename"] = backing.filename()
+        # the header's string (if the format has one), and the resolved name
+        info.setdefault("backing-filename", backing.filename())
         info["full-backing-filename"] = backing.filename()
         if nested:
             info["backing-image"] = _image_info(backing, nested)
@@ -86,7 +87,7 @@ def node_info(node: Any, nested: bool) -> Dict[str, Any]:
         "file": node.filename(),
     }
     if node.backing is not None:
-        info["backing_file"] = node.backing.filename()
+        info["backing_file"] = info["image"]["backing-filename"]
     return info
 
 

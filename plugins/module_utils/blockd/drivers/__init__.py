@@ -15,6 +15,7 @@ from ..errors import QMPError
 from .base import Driver
 from .file import FileDriver
 from .null import NullDriver
+from .qcow2 import Qcow2Driver
 from .raw import RawDriver
 
 DRIVERS: Dict[str, Type[Driver]] = {
@@ -22,6 +23,7 @@ DRIVERS: Dict[str, Type[Driver]] = {
     "raw": RawDriver,
     "null-co": NullDriver,
     "null-aio": NullDriver,
+    "qcow2": Qcow2Driver,
 }
 
 

@@ -147,6 +147,8 @@ class FileDriver(Driver):
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
+        if offset > self.size:  # a format driver growing its image file
+            self.size = offset
         if flags & REQ_FUA:
             self.flush()
 

@@ -57,6 +57,13 @@ COMMAND_OPS: Dict[str, "str | None"] = {
 }
 
 
+#: Commands that never change the graph (queries and monitor control).
+NON_GRAPH_COMMANDS = frozenset({
+    "qmp_capabilities", "query-version", "query-commands", "quit",
+    "query-named-block-nodes", "query-block-exports",
+})
+
+
 def roles(node) -> Iterator[Tuple[str, Dict[str, str]]]:
     """The roles ``node`` holds, with the values for the reason template."""
     for edge in node.parents:

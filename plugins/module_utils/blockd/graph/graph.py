@@ -90,6 +90,7 @@ class Graph:
                 raise QMPError("Duplicate nodes with node-name='%s'" % name)
         drv_cls = self._driver_lookup(options["driver"])
         node = Node(name, options, implicit, monitor_owned)
+        node.graph = self
         if inherit and "read-only" not in options:
             node.read_only = bool(inherit.get("read-only", False))
         created: List[Node] = []
@@ -134,16 +135,20 @@ class Graph:
     # -- deletion ---------------------------------------------------------
 
     def _free(self, node: Node) -> None:
-        """Close ``node`` and, recursively, children nobody else holds."""
-        for role in list(node.children):
-            child = node.detach_child(role)
-            if child is not None and child.refcount() == 0:
-                self._free(child)
+        """Close ``node``, then, recursively, children nobody else holds.
+
+        The driver closes while its children are still attached: a format
+        driver writes its metadata back to its ``file`` child on close.
+        """
         try:
             if node.driver is not None:
                 node.driver.close()
         finally:
             self.nodes.pop(node.name, None)
+            for role in list(node.children):
+                child = node.detach_child(role)
+                if child is not None and child.refcount() == 0:
+                    self._free(child)
 
     def delete(self, node: Node) -> None:
         """Drop the monitor's reference; free the node if it was the last."""
@@ -153,9 +158,12 @@ class Graph:
                 self._free(node)
 
     def close_all(self) -> None:
-        """Close every node (daemon shutdown), parents before children."""
-        for node in list(self.nodes.values()):
-            if node.name in self.nodes and not node.parents and not node.backends:
-                self._free(node)
-        for node in list(self.nodes.values()):
-            self._free(node)
+        """Close every node (daemon shutdown), each parent before its children."""
+        for node in self.nodes.values():
+            node.monitor_owned = False
+            node.backends.clear()
+        while self.nodes:
+            roots = [n for n in self.nodes.values() if not n.parents]
+            for node in roots or list(self.nodes.values())[:1]:
+                if node.name in self.nodes:
+                    self._free(node)

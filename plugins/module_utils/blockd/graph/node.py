@@ -54,6 +54,8 @@ class Node:
         #: Non-edge users that hold op blockers (jobs); see blockers.roles().
         self.users: List[Any] = []
         self.driver: Any = None
+        #: The graph the node belongs to (drivers open further children through it).
+        self.graph: Any = None
 
     # -- wiring -------------------------------------------------------------
 
