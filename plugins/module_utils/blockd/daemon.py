@@ -133,14 +133,15 @@ class Daemon:
                 LOG.exception("closing a monitor listener")
         with self._mon_lock:
             monitors = list(self.monitors)
-        deadline = time.monotonic() + 2
         for monitor in monitors:
             try:
                 monitor.close()
             except Exception:  # pragma: no cover
                 LOG.exception("closing a monitor")
-            if time.monotonic() > deadline:
-                break
+        # let each connection finish its reply in flight (quit's) and flush
+        deadline = time.monotonic() + 2
+        for monitor in monitors:
+            monitor.join(max(0.0, deadline - time.monotonic()))
         with self.lock:
             if self.nbd_server is not None:
                 self.nbd_server.stop()

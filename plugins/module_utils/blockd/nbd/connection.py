@@ -99,10 +99,7 @@ class _FileError(Exception):
 
 def _gate_draining(gate: Any) -> bool:
     """Whether a graph change is waiting on ``gate`` to drain."""
-    draining = getattr(gate, "draining", None)
-    if draining is not None:
-        return bool(draining() if callable(draining) else draining)
-    return bool(getattr(gate, "_quiesce", 0))
+    return gate.draining
 
 
 def configure_socket(sock: socket.socket) -> None:
