@@ -309,9 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 try:
                     handlers[name](value)
                 except QMPError as exc:
-                    raise StartupError(exc.desc) from None
-                except keyval.KeyvalError as exc:
-                    raise StartupError(str(exc)) from None
+                    raise StartupError("%s %s: %s" % (name, value, exc.desc)) from None
+                except (keyval.KeyvalError, StartupError) as exc:
+                    raise StartupError("%s %s: %s" % (name, value, exc)) from None
             elif name == "--pidfile":
                 pidfile = value
             elif name in ("-T", "--trace"):
