@@ -22,6 +22,7 @@ from . import QEMU_VERSION, __version__, drivers
 from .commands import load_all
 from .errors import CommandNotFound
 from .graph.graph import Graph
+from .jobs.job import cancel_all_sync
 
 LOG = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Daemon:
         self.nbd_server: Any = None
         self.exports: Dict[str, Any] = {}
         self.objects: Dict[str, Dict[str, Any]] = {}
+        #: Every job (:class:`~blockd.jobs.Job`), newest first as QEMU lists them.
+        self.jobs: List[Any] = []
         self.monitors: List[Any] = []
         self.listeners: List[Any] = []
         self._mon_lock = threading.Lock()
@@ -74,7 +77,7 @@ class Daemon:
             return handler(self, args)
 
     def defer(self, func: Callable[[], None]) -> None:
-        """Run ``func`` after the current command's reply is queued."""
+        """Run ``func`` when the current command's handler has returned."""
         pending = getattr(self._deferred, "pending", None)
         if pending is None:
             pending = self._deferred.pending = []
@@ -129,6 +132,7 @@ class Daemon:
         for listener in self.listeners:
             try:
                 listener.close()
+                listener.join(2)
             except Exception:  # pragma: no cover
                 LOG.exception("closing a monitor listener")
         with self._mon_lock:
@@ -142,6 +146,8 @@ class Daemon:
         deadline = time.monotonic() + 2
         for monitor in monitors:
             monitor.join(max(0.0, deadline - time.monotonic()))
+        # qsd's job_cancel_sync_all(): no job outlives the daemon
+        cancel_all_sync(self)
         with self.lock:
             if self.nbd_server is not None:
                 self.nbd_server.stop()

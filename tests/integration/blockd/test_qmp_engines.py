@@ -240,3 +240,14 @@ def test_quit(daemon, engine):
         assert q.execute("quit") == {"return": {}}
         assert q.is_closed_by_peer(10)
     assert d.wait(10) == 0
+
+
+def test_quit_with_exports_announces_their_deletion(daemon, engine):
+    d = daemon(engine, *NULL, "--export", "type=nbd,id=e0,node-name=n0", nbd=True)
+    d.close_qmp()
+    d.expect_exit()
+    with d.raw_qmp() as q:
+        q.negotiate()
+        assert q.execute("quit") == {"return": {}}
+        assert [(e["event"], e["data"]) for e in q.events] == [("BLOCK_EXPORT_DELETED", {"id": "e0"})]
+    assert d.wait(10) == 0

@@ -37,14 +37,18 @@ TRUE = {"CONFIG_LINUX", "CONFIG_POSIX", "HAVE_HOST_BLOCK_DEVICE", "CONFIG_REPLIC
 COMMANDS = ["qmp_capabilities", "query-version", "query-commands", "quit",
             "blockdev-add", "blockdev-del", "query-named-block-nodes",
             "nbd-server-start", "nbd-server-stop", "nbd-server-add", "nbd-server-remove",
-            "block-export-add", "block-export-del", "query-block-exports"]
-EVENTS = ["BLOCK_EXPORT_DELETED"]
+            "block-export-add", "block-export-del", "query-block-exports",
+            "blockdev-create", "block_resize",
+            "query-jobs", "job-pause", "job-resume", "job-cancel", "job-complete",
+            "job-dismiss", "job-finalize"]
+EVENTS = ["BLOCK_EXPORT_DELETED", "JOB_STATUS_CHANGE"]
 EXTRA_TYPES = ["NbdServerOptions", "MonitorOptions"]
 # Flat unions whose branches are only partly modelled.  Other unions get all branches.
 UNION_CASES = {
     "BlockdevOptions": ["file", "host_cdrom", "host_device", "raw", "null-aio", "null-co",
                         "qcow2", "copy-before-write", "snapshot-access", "throttle"],
     "BlockExportOptions": ["nbd"],
+    "BlockdevCreateOptions": ["file", "qcow2"],
 }
 INT_TYPES = {
     "int": (-2**63, 2**63 - 1), "int64": (-2**63, 2**63 - 1),

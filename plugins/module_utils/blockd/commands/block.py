@@ -1,14 +1,17 @@
 # -*- coding: utf-8 -*-
 # Copyright: blockdev.fleecing contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Node commands: blockdev-add, blockdev-del, query-named-block-nodes."""
+"""Node commands: blockdev-add, blockdev-del, blockdev-create, block_resize,
+query-named-block-nodes."""
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any, Dict, List
 
 from ..errors import QMPError
-from ..graph import blockers
+from ..graph import blockers, perms
 from . import command
 
 
@@ -36,6 +39,42 @@ def blockdev_del(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
     if node.parents:
         raise QMPError("Block device %s is in use" % name)
     daemon.graph.delete(node)
+    return {}
+
+
+@command("blockdev-create")
+def blockdev_create(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Start a ``create`` job that formats an image (see :mod:`blockd.jobs.create`)."""
+    from ..jobs.create import blockdev_create as start_create
+    start_create(daemon, args["job-id"], args["options"])
+    return {}
+
+
+@command("block_resize")
+def block_resize(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Resize a node, checks in qmp_block_resize's order, I/O drained around it."""
+    device = args.get("device")
+    name = args.get("node-name")
+    # bdrv_lookup_bs(): ``device`` names a BlockBackend, and qsd (like blockd)
+    # has none with a name, so only ``node-name`` can find anything.
+    node = daemon.graph.find(name) if name is not None else None
+    if node is None:
+        raise QMPError("Cannot find device='%s' nor node-name='%s'"
+                       % (device or "", name or ""))
+    size = args["size"]
+    if size < 0:
+        raise QMPError("Parameter 'size' expects a >0 size")
+    if blockers.blocking(node, "resize"):
+        # QERR_DEVICE_IN_USE with the (usually absent) device name
+        raise QMPError("Device '%s' is in use" % (device if device is not None else "(null)"))
+    perms.check_new_user(node, {"resize"})
+    if node.read_only:
+        raise QMPError("Image is read-only")
+    with daemon.graph.gate.drained():
+        try:
+            node.driver.truncate(size)
+        except OSError as exc:
+            raise QMPError(exc.strerror or os.strerror(exc.errno or errno.EIO)) from None
     return {}
 
 

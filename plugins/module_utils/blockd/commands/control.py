@@ -31,6 +31,9 @@ def query_commands(daemon: Any, args: Dict[str, Any]) -> List[Dict[str, str]]:
 
 @command("quit")
 def quit_(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
-    """Stop the daemon once the reply is on its way."""
+    """Stop the daemon; exports go first, each with BLOCK_EXPORT_DELETED (as qsd)."""
+    from .exports import delete_export
+    for export in list(daemon.exports.values()):
+        delete_export(daemon, export, hard=True)
     daemon.defer(daemon.request_shutdown)
     return {}

@@ -16,6 +16,7 @@ import re
 from typing import Any, Dict, List, Optional
 
 from ..errors import QMPError
+from ..graph import perms
 from ..graph.backend import Backend
 from . import command
 
@@ -90,7 +91,9 @@ def add_export(daemon: Any, args: Dict[str, Any]) -> Export:
         raise QMPError("NBD server already has export named '%s'" % name)
     if args.get("bitmaps"):
         raise QMPError("Dirty bitmaps are not supported by blockd yet")
-    backend = Backend(daemon.graph, node, writable, "block export '%s'" % export_id)
+    # nbd_export_create(): "Don't allow resize while the NBD server is running"
+    backend = Backend(daemon.graph, node, writable, "block export '%s'" % export_id,
+                      shared=perms.ALL - {"resize"})
     try:
         nbd = NBDExport(export_id, name, backend, writable, description=description,
                         allocation_depth=bool(args.get("allocation-depth", False)))

@@ -103,8 +103,24 @@ class Driver:
         return length, BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED, 0
 
     def truncate(self, size: int) -> None:
-        """Resize (block_resize)."""
+        """Resize (block_resize); the caller drains I/O around the call.
+
+        :raise OSError: whose ``strerror`` is QEMU's text for the failure.
+        """
         raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
+
+    def child_perm_role(self, role: str) -> str:
+        """How the edge to the ``role`` child shares permissions (see :mod:`blockd.graph.perms`).
+
+        :return: ``filtered`` (passes on what this node's users share),
+            ``data`` (the same minus resize), ``storage`` (minus write and
+            resize: a format's metadata file) or ``cow`` (a backing child).
+        """
+        if role == "backing":
+            return "cow"
+        if self.is_filter:
+            return "filtered"
+        return "storage"
 
     # -- description ----------------------------------------------------
 

@@ -232,7 +232,11 @@ class FileDriver(Driver):
     def truncate(self, size: int) -> None:
         if self.is_blockdev:
             raise OSError(errno.ENOTSUP, "Cannot resize a block device")
-        os.ftruncate(self.fd, size)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise OSError(exc.errno, "Could not resize file: %s"
+                          % os.strerror(exc.errno or errno.EIO)) from None
         self.size = size
 
     def filename(self) -> str:

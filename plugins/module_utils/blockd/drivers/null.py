@@ -50,8 +50,5 @@ class NullDriver(Driver):
     def block_status(self, offset: int, length: int) -> Tuple[int, int, int]:
         return length, (BDRV_BLOCK_ZERO if self.read_zeroes else 0), 0
 
-    def truncate(self, size: int) -> None:
-        self.size = size
-
     def actual_size(self) -> int:
         return 0

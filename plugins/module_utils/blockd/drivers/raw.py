@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any, Dict, List, Tuple
 
 from ..errors import QMPError
@@ -70,9 +71,16 @@ class RawDriver(Driver):
         return n, flags | BDRV_BLOCK_ALLOCATED, 0
 
     def truncate(self, size: int) -> None:
-        if self.offset or self.fixed_size is not None:
-            raise OSError(95, "Cannot resize a raw node with offset or size")
-        self.child.driver.truncate(size)
+        """raw_co_truncate: the window's offset is kept, a fixed size refuses."""
+        if self.fixed_size is not None:
+            raise OSError(errno.ENOTSUP, "Cannot resize fixed-size raw disks")
+        self.child.driver.truncate(size + self.offset)
+
+    def child_perm_role(self, role: str) -> str:
+        """raw_open: a window makes ``file`` a DATA child, else a FILTERED one."""
+        if getattr(self, "offset", 0) or getattr(self, "fixed_size", None) is not None:
+            return "data"
+        return "filtered"
 
     def filename(self) -> str:
         name = self.child.filename()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, FrozenSet, Iterator, Optional
 
 
 class IOGate:
@@ -92,13 +92,23 @@ class Backend:
     :param root: the node the user does I/O on.
     :param writable: whether the user writes (checked against the node).
     :param description: how errors name the user ("NBD export 'x'").
+    :param shared: the permissions (:data:`blockd.graph.perms.PERMS`) the
+        user lets other users of the node have; all by default (NBD exports
+        withhold ``resize``).
+    :param perm_user: how permission errors name the user (QEMU: "an
+        unnamed block device" for exports).
     """
 
-    def __init__(self, graph: Any, root: Any, writable: bool, description: str) -> None:
+    def __init__(self, graph: Any, root: Any, writable: bool, description: str,
+                 shared: "FrozenSet[str] | None" = None,
+                 perm_user: str = "an unnamed block device") -> None:
+        from .perms import ALL
         self.graph = graph
         self.gate: IOGate = graph.gate
         self.writable = writable
         self.description = description
+        self.shared: FrozenSet[str] = ALL if shared is None else frozenset(shared)
+        self.perm_user = perm_user
         self.root = root
         root.backends.append(self)
 

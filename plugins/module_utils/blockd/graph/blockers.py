@@ -54,13 +54,25 @@ COMMAND_OPS: Dict[str, "str | None"] = {
     "nbd-server-remove": None,
     "nbd-server-start": None,
     "nbd-server-stop": None,
+    # blockdev-create opens (or names) a node to format; QEMU checks no op blocker.
+    "blockdev-create": None,
+    "block_resize": "resize",
+    # Job verbs: what a job changes in the graph when it ends (a backup
+    # dropping its filter) is the job's own business, done drained; QEMU
+    # checks no op blocker for them.
+    "job-pause": None,
+    "job-resume": None,
+    "job-cancel": None,
+    "job-complete": None,
+    "job-finalize": None,
+    "job-dismiss": None,
 }
 
 
 #: Commands that never change the graph (queries and monitor control).
 NON_GRAPH_COMMANDS = frozenset({
     "qmp_capabilities", "query-version", "query-commands", "quit",
-    "query-named-block-nodes", "query-block-exports",
+    "query-named-block-nodes", "query-block-exports", "query-jobs",
 })
 
 

@@ -17,7 +17,8 @@ Modules, by concern:
 """
 
 from .check import CheckResult, check_image
-from .create import create_qcow2, create_raw
+from .create import check_qcow2_options, create_qcow2, create_raw
 from .driver import Qcow2Driver
 
-__all__ = ["Qcow2Driver", "create_qcow2", "create_raw", "check_image", "CheckResult"]
+__all__ = ["Qcow2Driver", "check_qcow2_options", "create_qcow2", "create_raw", "check_image",
+           "CheckResult"]

@@ -146,6 +146,24 @@ def _validate(size: int, cluster_size: int, version: Any, refcount_bits: int,
     return version
 
 
+def check_qcow2_options(size: int, cluster_size: int = 65536, backing_file: Optional[str] = None,
+                        backing_fmt: Optional[str] = None, version: Any = 3,
+                        refcount_bits: int = 16, lazy_refcounts: bool = False,
+                        preallocation: str = "off", compression_type: Optional[str] = "zlib",
+                        extended_l2: bool = False, data_file: Any = None,
+                        encrypt: Any = None) -> None:
+    """The parameter checks of :func:`create_qcow2` alone, without any I/O.
+
+    ``blockdev-create`` runs them before its job's first I/O, as QEMU's
+    qcow2_co_create does (so their errors end the job before the command
+    returns).  The parameters are :func:`create_qcow2`'s.
+
+    :raise QMPError: with QEMU's text for the first invalid parameter.
+    """
+    _validate(size, cluster_size, version, refcount_bits, backing_file, backing_fmt,
+              lazy_refcounts, preallocation, compression_type, extended_l2, data_file, encrypt)
+
+
 def create_qcow2(target: PathOrNode, size: int, cluster_size: int = 65536,
                  backing_file: Optional[str] = None, backing_fmt: Optional[str] = None,
                  version: Any = 3, refcount_bits: int = 16, lazy_refcounts: bool = False,
