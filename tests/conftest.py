@@ -6,6 +6,7 @@ Fixtures (see docs/testing.md):
           Every daemon is killed at teardown; its stderr is attached to failure reports.
   engine  parametrizes a test over the engines chosen with --engines
           (default: $BLOCKD_TEST_ENGINES or "qsd,blockd"); marks each case qsd/blockd.
+  graph   an in-process blockd Graph (real drivers, real files), closed at teardown.
   libnbd  the python3-libnbd module (`import nbd`), or fail/skip per helpers.policy.
 
 Missing tools never skip silently: in CI (CI=true) they fail (helpers/policy.py).
@@ -62,6 +63,16 @@ def daemon(tmp_path, request):
     problems = factory.finish()
     if problems:
         pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def graph():
+    """An in-process blockd block graph, closed (and so flushed) at teardown."""
+    from blockd import drivers
+    from blockd.graph.graph import Graph
+    g = Graph(drivers.lookup)
+    yield g
+    g.close_all()
 
 
 @pytest.fixture

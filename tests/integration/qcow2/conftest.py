@@ -5,7 +5,6 @@ Bigger loops run with BLOCKD_QCOW2_LONG=1.
 import os
 import sys
 
-import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..", "..")
@@ -13,14 +12,3 @@ for _p in (os.path.join(ROOT, "plugins", "module_utils"), os.path.join(ROOT, "te
            os.path.join(ROOT, "tests", "unit", "qcow2"), HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
-
-from blockd import drivers  # noqa: E402  pylint: disable=wrong-import-position
-from blockd.graph.graph import Graph  # noqa: E402  pylint: disable=wrong-import-position
-
-
-@pytest.fixture
-def graph():
-    """A graph closed (and so flushed) at teardown."""
-    g = Graph(drivers.lookup)
-    yield g
-    g.close_all()

@@ -5,11 +5,9 @@ import threading
 
 import pytest
 
-from blockd import drivers
 from blockd.errors import QMPError
 from blockd.graph import blockers
 from blockd.graph.backend import Backend
-from blockd.graph.graph import Graph
 from blockd.graph.io import BDRV_BLOCK_DATA, BDRV_BLOCK_ZERO, REQ_MAY_UNMAP
 
 
@@ -19,13 +17,6 @@ def img(tmp_path):
     with open(path, "wb") as f:
         f.truncate(4 << 20)
     return str(path)
-
-
-@pytest.fixture
-def graph():
-    g = Graph(drivers.lookup)
-    yield g
-    g.close_all()
 
 
 def test_inline_child_gets_generated_name(graph, img):

@@ -6,19 +6,7 @@ tests against qemu-img/qemu-io are in tests/integration/qcow2.
 import os
 import sys
 
-import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "plugins", "module_utils"))
 sys.path.insert(0, HERE)
-
-from blockd import drivers  # noqa: E402  pylint: disable=wrong-import-position
-from blockd.graph.graph import Graph  # noqa: E402  pylint: disable=wrong-import-position
-
-
-@pytest.fixture
-def graph():
-    """A graph closed (and so flushed) at teardown."""
-    g = Graph(drivers.lookup)
-    yield g
-    g.close_all()
