@@ -70,7 +70,7 @@ def daemon_args(image: Path, ro_image: Path, max_connections: "int | None" = Non
         server += ",max-connections=%d" % max_connections
     return [
         "--blockdev", f"driver=file,node-name=f,filename={image},discard=unmap",
-        "--blockdev", "driver=raw,node-name=r,file=f",
+        "--blockdev", "driver=raw,node-name=r,file=f,discard=unmap",
         "--blockdev", f"driver=file,node-name=fro,filename={ro_image},read-only=on",
         "--blockdev", "driver=raw,node-name=rro,file=fro,read-only=on",
         "--blockdev", "driver=null-co,node-name=n,size=67108864,read-zeroes=on",

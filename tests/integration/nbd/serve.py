@@ -39,7 +39,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="blockd-nbd: %(message)s")
     graph = Graph(drivers.lookup)
-    rw = graph.open({"driver": "raw", "node-name": "r",
+    rw = graph.open({"driver": "raw", "node-name": "r", "discard": "unmap",
                      "file": {"driver": "file", "filename": args.image,
                               "discard": "unmap"}})
     ro = graph.open({"driver": "raw", "node-name": "rro", "read-only": True,

@@ -373,7 +373,8 @@ class FailingDriver(Driver):
 def test_driver_errors_are_mapped(sockdir, err, nbd_err):
     lookup = lambda name: FailingDriver if name == "failing" else drivers.lookup(name)  # noqa: E731
     graph = Graph(lookup)
-    node = graph.open({"driver": "failing", "node-name": "bad", "errno": err})
+    node = graph.open({"driver": "failing", "node-name": "bad", "errno": err,
+                       "discard": "unmap"})
     srv = NBDServer({"type": "unix", "path": str(sockdir / "s")})
     srv.start()
     try:

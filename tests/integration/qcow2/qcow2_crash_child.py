@@ -44,7 +44,7 @@ def main() -> None:
     from blockd.graph.io import REQ_MAY_UNMAP
     path, seed = sys.argv[1], int(sys.argv[2])
     graph = Graph(drivers.lookup)
-    node = graph.open({"driver": "qcow2", "node-name": "q",
+    node = graph.open({"driver": "qcow2", "node-name": "q", "discard": "unmap",
                        "file": {"driver": "file", "filename": path}})
     out = sys.stdout
     out.write("READY\n")

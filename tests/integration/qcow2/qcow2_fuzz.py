@@ -50,6 +50,7 @@ def session(path: str, read_only: bool, rnd: random.Random, stats: dict) -> None
     graph = Graph(drivers.lookup)
     try:
         node = graph.open({"driver": "qcow2", "node-name": "q", "read-only": read_only,
+                           "discard": "unmap",
                            "backing": None,
                            "file": {"driver": "file", "filename": path}})
     except QMPError:

@@ -12,8 +12,9 @@ MiB = 1 << 20
 
 
 def qcow2_opts(path, name: str = "q", **extra: Any) -> Dict[str, Any]:
-    """blockdev-add options of a qcow2 node over a file."""
-    opts: Dict[str, Any] = {"driver": "qcow2", "node-name": name,
+    """blockdev-add options of a qcow2 node over a file (discards enabled, as
+    the tests' shadow models expect: QEMU ignores them without ``discard=unmap``)."""
+    opts: Dict[str, Any] = {"driver": "qcow2", "node-name": name, "discard": "unmap",
                             "file": {"driver": "file", "filename": str(path)}}
     opts.update(extra)
     return opts

@@ -62,7 +62,7 @@ class FileDriver(Driver):
         self.read_only = self.node.read_only
         self.direct = bool(options.get("cache", {}).get("direct", False))
         self.no_flush = bool(options.get("cache", {}).get("no-flush", False))
-        self.discard_unmap = options.get("discard", "ignore") == "unmap"
+        self.discard_unmap = bool(getattr(self.node, "unmap", False))
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         if self.direct:
             flags |= os.O_DIRECT
@@ -175,7 +175,9 @@ class FileDriver(Driver):
         if self.read_only:
             raise OSError(errno.EROFS, "Read-only file")
         if not self.is_blockdev:
-            if flags & REQ_MAY_UNMAP and self.discard_unmap:
+            # MAY_UNMAP reaching the file means punch (file-posix); parents
+            # without BDRV_O_UNMAP have already dropped it
+            if flags & REQ_MAY_UNMAP:
                 try:
                     _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
                     return self._after_write(flags)

@@ -9,7 +9,7 @@ import errno
 from typing import Any, Dict, List, Tuple
 
 from ..errors import QMPError
-from ..graph.io import BDRV_BLOCK_ALLOCATED
+from ..graph.io import BDRV_BLOCK_ALLOCATED, REQ_MAY_UNMAP
 from .base import Driver
 
 
@@ -41,7 +41,8 @@ class RawDriver(Driver):
             self.pread = self.child.pread
             self.read_segments = self.child.read_segments
             self.pwrite = self.child.pwrite
-            self.pwrite_zeroes = self.child.pwrite_zeroes
+            if self.child.unmap:
+                self.pwrite_zeroes = self.child.pwrite_zeroes
             self.pdiscard = self.child.pdiscard
         self.flush = self.child.flush
 
@@ -60,6 +61,8 @@ class RawDriver(Driver):
         self.child.pwrite(offset + self.offset, data, flags)
 
     def pwrite_zeroes(self, offset: int, length: int, flags: int = 0) -> None:
+        if not self.child.unmap:  # bdrv_co_pwrite_zeroes() on a child without BDRV_O_UNMAP
+            flags &= ~REQ_MAY_UNMAP
         self.child.pwrite_zeroes(offset + self.offset, length, flags)
 
     def pdiscard(self, offset: int, length: int) -> None:

@@ -93,6 +93,9 @@ class Graph:
         node.graph = self
         if inherit and "read-only" not in options:
             node.read_only = bool(inherit.get("read-only", False))
+        if inherit is not None and "discard" not in options:
+            # bdrv_inherited_options(): children default to BDRV_O_UNMAP
+            node.unmap = True
         created: List[Node] = []
         try:
             for role, required in drv_cls.child_roles.items():

@@ -9,6 +9,11 @@ import json
 from typing import Any, Dict, List, Optional
 
 
+
+def _ignore_discard(offset: int, length: int) -> None:
+    """bdrv_co_pdiscard() on a node without BDRV_O_UNMAP: nothing happens."""
+
+
 class Child:
     """An edge ``parent --role--> node`` (QEMU's BdrvChild).
 
@@ -48,6 +53,11 @@ class Node:
         self.implicit = implicit
         self.monitor_owned = monitor_owned
         self.read_only = bool(options.get("read-only", False))
+        #: QEMU's BDRV_O_UNMAP: discards reach the driver only with
+        #: ``discard=unmap``, and a parent driver's write-zeroes lose
+        #: REQ_MAY_UNMAP without it (bdrv_co_pwrite_zeroes); inline children
+        #: default to it (set by :meth:`Graph.open`).
+        self.unmap = options.get("discard", "ignore") in ("unmap", "on")
         self.children: Dict[str, Child] = {}
         self.parents: List[Child] = []
         self.backends: List[Any] = []
@@ -68,7 +78,7 @@ class Node:
         self.read_segments = driver.read_segments
         self.pwrite = driver.pwrite
         self.pwrite_zeroes = driver.pwrite_zeroes
-        self.pdiscard = driver.pdiscard
+        self.pdiscard = driver.pdiscard if self.unmap else _ignore_discard
         self.flush = driver.flush
         self.block_status = driver.block_status
 

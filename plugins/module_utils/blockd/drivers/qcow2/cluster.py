@@ -16,7 +16,7 @@ import errno
 import threading
 import zlib
 from array import array
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from .l2 import (COMPRESSED, L2E_OFFSET_MASK, NORMAL, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
                  UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN, L2Table, cluster_type, hx,
@@ -487,12 +487,15 @@ class ClusterOps:
                     return ((l1i << self.l2_bits) + idx) << cb
         return None
 
-    def preallocate(self, start: int, end: int) -> int:
+    def preallocate(self, start: int, end: int,
+                    runs: Optional[List[Tuple[int, int]]] = None) -> int:
         """Give every unallocated cluster of ``[start, end)`` a data cluster
         (``preallocation=metadata``); the data is not written.
 
         :param start: guest offset.
         :param end: guest end offset.
+        :param runs: if given, ``(host offset, length)`` of every data run
+            allocated is appended (``preallocation=full`` writes them).
         :return: the end of the last data cluster allocated (0 if none).
         """
         cb = self.cluster_bits
@@ -516,5 +519,7 @@ class ClusterOps:
                     data[idx + j] = (host + j * cs) | OFLAG_COPIED
                 table.dirty = True
                 last_end = max(last_end, host + run * cs)
+                if runs is not None:
+                    runs.append((host, run * cs))
                 idx += run
         return last_end

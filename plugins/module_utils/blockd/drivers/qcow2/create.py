@@ -237,8 +237,11 @@ def _finish(file_node: Any, size: int, preallocation: str, backing_file: Optiona
     """
     from ...graph.node import Node
     from .driver import Qcow2Driver
-    opts = {"driver": "qcow2", "node-name": "#create-qcow2", "backing": None}
-    node = Node("#create-qcow2", opts, implicit=True, monitor_owned=False)
+    # named like QEMU's temporary node (#blockNNN) when the file is in a graph
+    graph = getattr(file_node, "graph", None)
+    name = graph.generate_name() if graph is not None else "#create-qcow2"
+    opts = {"driver": "qcow2", "node-name": name, "backing": None}
+    node = Node(name, opts, implicit=True, monitor_owned=False)
     node.attach_child("file", file_node)
     drv = Qcow2Driver(node)
     drv.creating = True

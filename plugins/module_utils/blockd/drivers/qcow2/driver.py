@@ -107,8 +107,10 @@ class Qcow2Driver(Driver):
         self.options = options
         self.file = self.node.file
         self._closed = False
+        #: Whether the image looks metadata-preallocated (None: not checked yet).
+        self._metadata_prealloc: Optional[bool] = None
         read_only = bool(self.node.read_only)
-        unmap = options.get("discard", "ignore") in ("unmap", "on")
+        unmap = bool(getattr(self.node, "unmap", False))
         discard = {DISCARD_REQUEST: bool(options.get("pass-discard-request", unmap)),
                    DISCARD_SNAPSHOT: bool(options.get("pass-discard-snapshot", True)),
                    DISCARD_OTHER: bool(options.get("pass-discard-other", False))}
@@ -541,8 +543,14 @@ class Qcow2Driver(Driver):
         img = self.img
         with img.lock:
             kind, n, value = img.map_extent(offset, length)
+            if kind == K_DATA and self._metadata_prealloc is None:
+                self._metadata_prealloc = self._detect_metadata_preallocation()
         if kind == K_DATA:
             flags = BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED
+            # QEMU asks the file (BDRV_BLOCK_RECURSE) only for images that
+            # look metadata-preallocated; otherwise a data cluster is data.
+            if not self._metadata_prealloc:
+                return n, flags, 0
             if value >= img.file_end:
                 return n, flags | BDRV_BLOCK_ZERO, 0
             fn, fflags, _ = self.file.block_status(value, min(n, img.file_end - value))
@@ -559,11 +567,32 @@ class Qcow2Driver(Driver):
                 return bn, bflags & ~BDRV_BLOCK_ALLOCATED, bdepth + 1 if bdepth >= 0 else -1
         return n, BDRV_BLOCK_ZERO, -1
 
+    def _detect_metadata_preallocation(self) -> bool:
+        """qcow2_detect_metadata_preallocation(): many more clusters in use
+        than the file really has allocated (checked once per open, img.lock held).
+
+        :return: whether block status should look into the file.
+        """
+        img = self.img
+        real = self.file.driver.actual_size()
+        if real is None:
+            return False
+        cs = img.cluster_size
+        real_clusters = real // cs
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end_cluster = -(-self.file.getlength() // cs)
+        count = 0
+        for i in range(end_cluster):
+            if count >= threshold:
+                break
+            if img.refcounts.get(i):
+                count += 1
+        return count >= threshold
+
     # -- resize ------------------------------------------------------------------------
 
     def truncate(self, size: int, prealloc: str = "off") -> None:
-        """Resize (block_resize): grow, or shrink when nothing is allocated
-        beyond the new end.
+        """Resize (block_resize): grow, or shrink (discarding the cropped clusters).
 
         :param size: new virtual size, a multiple of 512.
         :param prealloc: ``off``, ``metadata``, ``falloc`` or ``full`` for
@@ -588,12 +617,8 @@ class Qcow2Driver(Driver):
                 if prealloc != "off":
                     raise OSError(errno.EINVAL,
                                   "Preallocation can't be used for shrinking an image")
+                # qcow2_co_truncate: the cropped clusters are discarded
                 first = -(-size // cs) * cs
-                used = img.first_allocated_from(first) if first < old else None
-                if used is not None:
-                    raise OSError(errno.ENOTSUP, "Cannot shrink the image to %d bytes: "
-                                  "guest offset %#x and beyond hold allocated clusters"
-                                  % (size, used))
                 img.begin_modify()
                 if first < old:
                     img.discard(first, -(-old // cs) * cs - first, False, full=True)
@@ -627,23 +652,29 @@ class Qcow2Driver(Driver):
         :param mode: ``metadata``, ``falloc`` or ``full``.
         """
         img = self.img
-        last = img.preallocate(start, end)
+        runs: List[Tuple[int, int]] = []
+        last = img.preallocate(start, end, runs)
         if not last:
             return
         if mode == "full":
-            pos = img.file_end
-            while pos < last:
-                n = min(len(_ZEROES), last - pos)
-                img.write(pos, memoryview(_ZEROES)[:n])
-                pos += n
-        elif last > img.file_end:
-            if mode == "falloc":
-                try:
-                    self.file.pwrite_zeroes(img.file_end, last - img.file_end)
-                except OSError:
-                    pass
+            # every new data cluster is written (metadata allocated while
+            # preallocating may lie between them, so not just a tail)
+            for host, length in runs:
+                pos, stop = host, host + length
+                while pos < stop:
+                    n = min(len(_ZEROES), stop - pos)
+                    img.write(pos, memoryview(_ZEROES)[:n])
+                    pos += n
+            return
+        if last > img.file_end:
             self.file.driver.truncate(last)
             img.file_end = last
+        if mode == "falloc":
+            for host, length in runs:
+                try:
+                    self.file.pwrite_zeroes(host, length)
+                except OSError:
+                    pass
 
     def _zero_grown(self, start: int, end: int) -> None:
         """Hide backing data under a grown area (QEMU's BDRV_REQ_ZERO_WRITE).
