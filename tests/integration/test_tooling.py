@@ -1,14 +1,17 @@
 """Smoke tests of the repository's scripts on qemu-storage-daemon.
 
-They check that scripts/demo and bench/nbd_throughput.py work end to end; they
+They check that scripts/demo and the benchmarks in bench/ work end to end; they
 assert on correctness only, never on timing.  (The same runs on blockd belong
-here once the engine is complete: `DEMO_ENGINE=blockd`, `--engines blockd`.)
+here once the engine is complete: `DEMO_ENGINE=blockd`, `--engines blockd`; the qcow2
+benchmark already runs both engines.)
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -51,3 +54,27 @@ def test_bench_runs_and_writes_json(tmp_path):
     assert qsd["exit_code"] == 0
     assert set(qsd) >= {"read_mibs", "write_mibs", "read_runs", "write_runs"}
     assert "seq read" in proc.stdout and "seq write" in proc.stdout
+
+
+def test_qcow2_bench_runs_and_writes_json(tmp_path):
+    out = tmp_path / "qcow2.json"
+    # a short work directory: the sockets' paths must fit in sun_path
+    work = tempfile.mkdtemp(prefix="qb-")
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "qcow2_throughput.py"),
+                               "--engines", "qsd,blockd", "--size-mib", "8", "--runs", "1",
+                               "--dir", work, "--json", str(out)],
+                              capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL, check=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    for engine in ("qsd", "blockd"):
+        eng = result["engines"][engine]
+        assert "errors" not in eng, eng
+        assert set(eng) >= {"full_read_mibs", "full_write_mibs", "half_read_mibs",
+                            "half_write_mibs"}
+    assert set(result["ratio_blockd_qsd"]) == {"full_read", "full_write", "half_read",
+                                               "half_write"}
+    assert "half  write" in proc.stdout

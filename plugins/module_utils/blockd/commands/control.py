@@ -31,9 +31,13 @@ def query_commands(daemon: Any, args: Dict[str, Any]) -> List[Dict[str, str]]:
 
 @command("quit")
 def quit_(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
-    """Stop the daemon; exports go first, each with BLOCK_EXPORT_DELETED (as qsd)."""
+    """Stop the daemon; exports go first, each with BLOCK_EXPORT_DELETED, then every
+    job is cancelled and waited for (its JOB_STATUS_CHANGE events), as qsd does
+    before its reply goes out."""
+    from ..jobs.job import cancel_all_sync
     from .exports import delete_export
     for export in list(daemon.exports.values()):
         delete_export(daemon, export, hard=True)
+    cancel_all_sync(daemon)
     daemon.defer(daemon.request_shutdown)
     return {}

@@ -23,11 +23,11 @@ from __future__ import annotations
 import copy
 import errno
 import os
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Type
 
 from ..errors import QMPError
 from ..graph import perms
-from ..graph.backend import Backend
+from ..graph.node import Node
 from .job import Job
 
 #: BlockdevCreateOptions branches that QEMU 7.2 implements (non-empty branches).
@@ -166,7 +166,7 @@ class Qcow2CreateJob(CreateJob):
         super().__init__(daemon, job_id, options)
         self.node: Any = None
         self.inline = False
-        self.backend: Optional[Backend] = None
+        self.pin: Any = None
         self.params: Dict[str, Any] = {}
 
     def create_setup(self) -> None:
@@ -197,16 +197,22 @@ class Qcow2CreateJob(CreateJob):
         check_qcow2_options(**self.params)
         # blk_new_with_bs(bs, WRITE | RESIZE, ALL), after the option checks
         perms.check_new_user(node, {"write", "resize"})
-        self.backend = Backend(graph, node, True, "blockdev-create job '%s'" % self.id)
+        # For most of its run QEMU's job holds the node through the new
+        # image's (unnamed) qcow2 node: blockdev-del then says "Block device
+        # f0 is in use" and block_resize meets a format parent.  The pin is
+        # that parent; it is not listed in the graph.
+        self.pin = Node(graph.generate_name(), {"driver": "qcow2"}, implicit=True,
+                        monitor_owned=False)
+        self.pin.attach_child("file", node)
 
     def create_run(self) -> None:
         from ..drivers.qcow2 import create_qcow2
         create_qcow2(self.node, **self.params)
 
     def release(self) -> None:
-        if self.backend is not None:
-            self.backend.detach()
-            self.backend = None
+        pin, self.pin = self.pin, None
+        if pin is not None:
+            pin.detach_child("file")
         node, self.node = self.node, None
         if node is not None and self.inline and node.refcount() == 0:
             self.daemon.graph.delete(node)
