@@ -228,24 +228,28 @@ def merge(best: dict | None, new: dict) -> dict:
     return best
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_args(p: argparse.ArgumentParser, rounds: int, verify_help: str) -> None:
+    """The options every bench script shares (engines, size, runs, where, how)."""
     p.add_argument("--engines", default="qsd,blockd",
                    help="comma-separated, in run order (default: qsd,blockd)")
     p.add_argument("--size-mib", type=int, default=1024, help="image size (default 1024)")
     p.add_argument("--runs", type=int, default=3, help="runs per measure; best counts (3)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="start every engine this many times, alternating (default 2)")
+    p.add_argument("--rounds", type=int, default=rounds,
+                   help=f"start every engine this many times, alternating (default {rounds})")
     p.add_argument("--dir", help="parent of the work directory (default /dev/shm if it fits)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--qsd-cmd", default="qemu-storage-daemon", help="qsd program (shell words)")
     p.add_argument("--blockd-cmd", help="blockd program (shell words); default: "
                    "this python -m blockd with PYTHONPATH=plugins/module_utils")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the qemu-img compare after the writes")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=verify_help)
     p.add_argument("--timeout", type=float, default=600, help="seconds per nbdcopy run")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, rounds=2, verify_help="skip the qemu-img compare after the writes")
     args = p.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for tool in ("nbdcopy", "nbdinfo", "qemu-img"):

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbd_throughput import (MiB, Engine, engine_command, fill, pick_dir,  # noqa: E402
+from nbd_throughput import (MiB, Engine, add_common_args, engine_command, fill, pick_dir,  # noqa: E402
                             timed, tool_version)
 
 IMAGES = ("full", "half")
@@ -123,22 +123,8 @@ def bench_once(name: str, args, pristine: Path, source: Path, work: Path) -> dic
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="qsd,blockd",
-                   help="comma-separated, in run order (default: qsd,blockd)")
-    p.add_argument("--size-mib", type=int, default=1024, help="image size (default 1024)")
+    add_common_args(p, rounds=1, verify_help="skip qemu-img check/compare after the writes")
     p.add_argument("--cluster-size", type=int, default=65536, help="qcow2 cluster size (64k)")
-    p.add_argument("--runs", type=int, default=3, help="runs per engine and round (3)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="alternate the engines this many times (default 1)")
-    p.add_argument("--dir", help="parent of the work directory (default /dev/shm if it fits)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    p.add_argument("--qsd-cmd", default="qemu-storage-daemon", help="qsd program (shell words)")
-    p.add_argument("--blockd-cmd", help="blockd program (shell words); default: "
-                   "this python -m blockd with PYTHONPATH=plugins/module_utils")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip qemu-img check/compare after the writes")
-    p.add_argument("--timeout", type=float, default=600, help="seconds per nbdcopy run")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for tool in ("nbdcopy", "nbdinfo", "qemu-img", "qemu-io"):
