@@ -286,15 +286,27 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     eng = results["engines"]
-    if "qsd" in eng and "blockd" in eng and "error" not in eng["qsd"] \
-            and "error" not in eng["blockd"]:
-        results["ratio_blockd_qsd"] = {m: round(eng["blockd"][f"{m}_mibs"] / eng["qsd"][f"{m}_mibs"], 3)
-                                       for m in METRIC_NAMES}
-    print_table(results, engines)
+    if not any("error" in eng.get(e, {}) for e in ("qsd", "blockd")):
+        add_ratios(results, METRIC_NAMES)
+    emit(results, engines, args, print_table)
+    return 1 if any("error" in r for r in eng.values()) else 0
+
+
+def add_ratios(results: dict, metrics) -> None:
+    """``ratio_blockd_qsd`` for every metric both engines measured."""
+    eng = results["engines"]
+    if "qsd" in eng and "blockd" in eng:
+        results["ratio_blockd_qsd"] = {
+            m: round(eng["blockd"][f"{m}_mibs"] / eng["qsd"][f"{m}_mibs"], 3)
+            for m in metrics if f"{m}_mibs" in eng["blockd"] and f"{m}_mibs" in eng["qsd"]}
+
+
+def emit(results: dict, engines: list[str], args, printer) -> None:
+    """Print the table and write ``--json``."""
+    printer(results, engines)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 1 if any("error" in r for r in eng.values()) else 0
 
 
 def print_table(results: dict, engines: list[str]) -> None:

@@ -29,7 +29,6 @@ Example:  python3 bench/qcow2_throughput.py --engines qsd,blockd --size-mib 1024
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -39,8 +38,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbd_throughput import (MiB, Engine, add_common_args, engine_command, fill, pick_dir,  # noqa: E402
-                            timed, tool_version)
+from nbd_throughput import (MiB, Engine, add_common_args, add_ratios, emit,  # noqa: E402
+                            engine_command, fill, pick_dir, timed, tool_version)
 
 IMAGES = ("full", "half")
 METRICS = tuple((f"{img}_{op}", f"{img:5} {label}") for img in IMAGES for op, label in (
@@ -167,14 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             if eng["runs"][m]:
                 eng[f"{m}_mibs"] = max(eng["runs"][m])
     eng = results["engines"]
-    if "qsd" in eng and "blockd" in eng:
-        results["ratio_blockd_qsd"] = {
-            m: round(eng["blockd"][f"{m}_mibs"] / eng["qsd"][f"{m}_mibs"], 3)
-            for m in METRIC_NAMES if f"{m}_mibs" in eng["blockd"] and f"{m}_mibs" in eng["qsd"]}
-    print_table(results, engines)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    add_ratios(results, METRIC_NAMES)
+    emit(results, engines, args, print_table)
     return 1 if any("errors" in r for r in eng.values()) else 0
 
 
