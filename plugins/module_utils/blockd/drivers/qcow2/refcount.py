@@ -414,10 +414,7 @@ class Refcounts:
                 self._set_in(blocks[tc][1], c & self.rb_mask, 1)
             else:
                 self._set(c, 1)
-        self.write_dirty()
-        for ti, (c, data) in blocks.items():
-            self.img.write(c << self.cluster_bits, self._encode(data))
-        self.img.sync()
+        self._write_new_blocks(blocks)
         for ti, (c, data) in blocks.items():
             off = c << self.cluster_bits
             self.table[ti] = off
@@ -427,6 +424,16 @@ class Refcounts:
             off = c << self.cluster_bits
             self.block_offsets.add(off)
             self._insert(off, RefBlock(data))
+
+    def _write_new_blocks(self, blocks: Dict[int, Any]) -> None:
+        """Write cached dirty blocks, then new blocks ``{index: (cluster, data)}``, then sync.
+
+        Every cluster the new blocks count is on disk before anything points at them.
+        """
+        self.write_dirty()
+        for _ti, (c, data) in blocks.items():
+            self.img.write(c << self.cluster_bits, self._encode(data))
+        self.img.sync()
 
     def _grow_table(self, start: int, min_entries: int) -> None:
         """Replace the refcount table by a larger one placed at ``start``.
@@ -471,10 +478,7 @@ class Refcounts:
         # Blocks for ranges that already had one were updated in the cache;
         # write them now so the new clusters are counted before the header
         # points at the new table.
-        self.write_dirty()
-        for ti, (c, data) in blocks.items():
-            self.img.write(c << self.cluster_bits, self._encode(data))
-        self.img.sync()
+        self._write_new_blocks(blocks)
         table_off = (start + nblocks) << self.cluster_bits
         self.img.write(table_off, table_to_bytes(new_table))
         self.img.sync()
