@@ -250,8 +250,6 @@ class Startup:
                 os.unlink(path)
             except OSError:
                 pass
-        if self.daemon.nbd_server is None:
-            return
 
 
 def _daemonize() -> Callable[[int], None]:
