@@ -13,10 +13,13 @@ from typing import Dict, Type
 
 from ..errors import QMPError
 from .base import Driver
+from .cbw import CopyBeforeWriteDriver
 from .file import FileDriver
 from .null import NullDriver
 from .qcow2 import Qcow2Driver
 from .raw import RawDriver
+from .snapshot_access import SnapshotAccessDriver
+from .throttle import ThrottleDriver
 
 DRIVERS: Dict[str, Type[Driver]] = {
     "file": FileDriver,
@@ -24,6 +27,9 @@ DRIVERS: Dict[str, Type[Driver]] = {
     "null-co": NullDriver,
     "null-aio": NullDriver,
     "qcow2": Qcow2Driver,
+    "copy-before-write": CopyBeforeWriteDriver,
+    "snapshot-access": SnapshotAccessDriver,
+    "throttle": ThrottleDriver,
 }
 
 

@@ -40,14 +40,17 @@ MATRIX: Dict[str, Tuple[FrozenSet[str], str]] = {
     "job": (ALL - {"dataplane"}, "block device is in use by block job: {user}"),
 }
 
-#: Graph-changing QMP command -> the operation it performs on the nodes it
-#: names.  A command that changes the graph and is missing here fails the
-#: test that enumerates the schema.  ``None`` marks commands that change the
-#: graph only by adding new nodes (nothing existing is put at risk beyond
-#: what permissions check).
-COMMAND_OPS: Dict[str, "str | None"] = {
+#: Graph-changing QMP command -> {argument naming a node: the operation the
+#: command performs on that node}.  A command missing here (and from
+#: :data:`NON_GRAPH_COMMANDS`) fails the test that enumerates the schema, and
+#: every operation listed is exercised against a blocked node by
+#: ``tests/integration/blockd/test_blockers.py`` on qsd and blockd alike.
+#: ``None`` marks commands that change the graph only by adding new nodes or
+#: objects, or whose effect on existing nodes QEMU guards with permissions and
+#: reference counts instead of op blockers (exports, jobs ending, bitmaps).
+COMMAND_OPS: Dict[str, "Dict[str, str] | None"] = {
     "blockdev-add": None,
-    "blockdev-del": "drive-del",
+    "blockdev-del": {"node-name": "drive-del"},
     "block-export-add": None,
     "block-export-del": None,
     "nbd-server-add": None,
@@ -56,7 +59,23 @@ COMMAND_OPS: Dict[str, "str | None"] = {
     "nbd-server-stop": None,
     # blockdev-create opens (or names) a node to format; QEMU checks no op blocker.
     "blockdev-create": None,
-    "block_resize": "resize",
+    "block_resize": {"node-name": "resize"},
+    "blockdev-backup": {"device": "backup-source", "target": "backup-target"},
+    "blockdev-snapshot-sync": {"node-name": "external-snapshot"},
+    "blockdev-snapshot": {"node": "external-snapshot"},
+    # Each action is checked as the command of the same name.
+    "transaction": None,
+    # Dirty bitmaps are guarded by their own busy/readonly states, not op blockers.
+    "block-dirty-bitmap-add": None,
+    "block-dirty-bitmap-remove": None,
+    "block-dirty-bitmap-clear": None,
+    "block-dirty-bitmap-enable": None,
+    "block-dirty-bitmap-disable": None,
+    "block-dirty-bitmap-merge": None,
+    # QOM objects: a throttle group in use cannot be deleted (its own check).
+    "object-add": None,
+    "object-del": None,
+    "qom-set": None,
     # Job verbs: what a job changes in the graph when it ends (a backup
     # dropping its filter) is the job's own business, done drained; QEMU
     # checks no op blocker for them.
@@ -66,13 +85,21 @@ COMMAND_OPS: Dict[str, "str | None"] = {
     "job-complete": None,
     "job-finalize": None,
     "job-dismiss": None,
+    "block-job-set-speed": None,
+    "block-job-cancel": None,
+    "block-job-pause": None,
+    "block-job-resume": None,
+    "block-job-complete": None,
+    "block-job-dismiss": None,
+    "block-job-finalize": None,
 }
 
 
 #: Commands that never change the graph (queries and monitor control).
 NON_GRAPH_COMMANDS = frozenset({
     "qmp_capabilities", "query-version", "query-commands", "quit",
-    "query-named-block-nodes", "query-block-exports", "query-jobs",
+    "query-named-block-nodes", "query-block-exports", "query-jobs", "query-block-jobs",
+    "qom-get", "qom-list",
 })
 
 
