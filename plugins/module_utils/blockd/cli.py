@@ -72,7 +72,7 @@ _WITH_ARG = {"--blockdev": "driver", "--chardev": "backend", "--export": "type",
              "--monitor": "chardev", "--nbd-server": None, "--object": "qom-type",
              "--pidfile": None, "-T": "enable", "--trace": "enable"}
 
-#: Object types blockd knows; their properties are kept for later use.
+#: Object types blockd creates (``--object help``); see blockd.objects.
 OBJECT_TYPES = ("iothread", "secret", "throttle-group")
 
 
@@ -194,6 +194,9 @@ class Startup:
         if path:
             self.unlink_paths.append(os.path.abspath(path))
         self.chardevs[cid] = {"sock": sock, "used": False}
+        from .objects import tree
+        tree(self.daemon).add_chardev(cid, opts, sock, lambda: any(
+            lst.sock is sock and lst.monitor is not None for lst in self.daemon.listeners))
 
     def monitor(self, text: str) -> None:
         from .qmp.server import MonitorListener
@@ -213,22 +216,14 @@ class Startup:
         listener.start()
 
     def object(self, text: str) -> None:
+        """``--object``: the keyval options typed as ObjectOptions, then
+        ``object-add`` (user_creatable_process_cmdline)."""
         if text == "help":
             print("List of user creatable objects:")
             for name in OBJECT_TYPES:
                 print("  %s" % name)
             raise SystemExit(0)
-        opts = keyval.parse(text, "qom-type")
-        qom_type = opts.pop("qom-type", None)
-        if qom_type not in OBJECT_TYPES:
-            raise StartupError("invalid object type: %s" % qom_type)
-        oid = opts.get("id")
-        if not oid:
-            raise StartupError("Parameter 'id' is missing")
-        if oid in self.daemon.objects:
-            raise StartupError("attempt to add duplicate property '%s' to object (type 'container')"
-                               % oid)
-        self.daemon.objects[oid] = {"qom-type": qom_type, "props": opts}
+        self.execute("object-add", self.typed("object-add", text, "qom-type"))
 
     def write_pidfile(self, path: str) -> None:
         """Create, lock and write the pid file (qemu_write_pidfile)."""
