@@ -99,7 +99,27 @@ def _image_info(node: Any, nested: bool) -> Dict[str, Any]:
         info["full-backing-filename"] = backing.filename()
         if nested:
             info["backing-image"] = _image_info(backing, nested)
+    elif nested and _filtered(node) is not None:
+        # bdrv_block_device_info(): a filter's child is shown as its backing image
+        info["backing-image"] = _image_info(_filtered(node), nested)
     return info
+
+
+def _filtered(node: Any) -> Any:
+    """``bdrv_filter_bs()``: the ``file`` child of a filter driver (cbw, throttle)."""
+    if getattr(node.driver, "is_filter", False):
+        return node.file
+    return None
+
+
+def _depth(node: Any) -> int:
+    """backing_file_depth of the nested query: backing and filtered children counted."""
+    depth = 0
+    cur = node.backing or _filtered(node)
+    while cur is not None:
+        depth += 1
+        cur = cur.backing or _filtered(cur)
+    return depth
 
 
 def node_info(node: Any, nested: bool) -> Dict[str, Any]:
@@ -112,7 +132,7 @@ def node_info(node: Any, nested: bool) -> Dict[str, Any]:
         "iops_wr": 0,
         "ro": node.read_only,
         "node-name": node.name,
-        "backing_file_depth": node.backing_chain_depth(),
+        "backing_file_depth": _depth(node) if nested else 0,
         "drv": node.drv_name,
         "iops": 0,
         "bps_wr": 0,
@@ -127,6 +147,11 @@ def node_info(node: Any, nested: bool) -> Dict[str, Any]:
     }
     if node.backing is not None:
         info["backing_file"] = info["image"]["backing-filename"]
+    bitmaps = [b.query_info() for b in reversed(getattr(node, "internal_bitmaps", ()))]
+    if bitmaps:  # block-copy's internal bitmaps (graph/blockcopy.py), newest first
+        items = list(info.items())
+        at = [k for k, _ in items].index("write_threshold") + 1
+        info = dict(items[:at] + [("dirty-bitmaps", bitmaps)] + items[at:])
     return info
 
 
