@@ -728,6 +728,9 @@ def cancel_all_sync(daemon: Any, timeout: float = 30.0) -> None:
     """
     deadline = time.monotonic() + timeout
     with daemon.lock:
+        # qsd drains every node before it cancels: block jobs pause and resume once
+        from .blockjob import drain_all_flap  # pylint: disable=import-outside-toplevel
+        drain_all_flap(daemon)
         seen: Dict[int, int] = {}
         while daemon.jobs:
             job = daemon.jobs[0]
