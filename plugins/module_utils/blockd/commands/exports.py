@@ -16,8 +16,10 @@ import re
 from typing import Any, Dict, List, Optional
 
 from ..errors import QMPError
+from ..jobs.blockjob import DrainedSection
 from ..graph import perms
 from ..graph.backend import Backend
+from ..graph.snapshot import release_if_unused
 from . import command
 
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -78,6 +80,9 @@ def add_export(daemon: Any, args: Dict[str, Any]) -> Export:
     writable = bool(args.get("writable", False))
     if writable and node.read_only:
         raise QMPError("Cannot export read-only node as writable")
+    # blk_insert_bs(): a writer may not attach where a parent (a copy-before-write
+    # filter guarding a snapshot) does not share write.
+    perms.check_new_user(node, {"write"} if writable else ())
     server = daemon.nbd_server
     if server is None:
         raise QMPError("NBD server not running")
@@ -113,8 +118,16 @@ def delete_export(daemon: Any, export: Export, hard: bool) -> None:
     if server is not None and export.nbd.name in server.exports:
         server.remove_export(export.nbd.name)
     export.nbd.disconnect_clients()
+    root = export.backend.root
+    if root is not None:
+        # qsd drains the export's node twice on the way (blk_remove_bs, then
+        # bdrv_root_unref_child): block jobs on or above it show paused/running twice.
+        for _drain in range(2):
+            DrainedSection(daemon, root).begin().end()
     with daemon.graph.gate.drained():
+        root = export.backend.root
         export.backend.detach()
+        release_if_unused(daemon.graph, root)  # blk_unref() -> bdrv_unref()
     del daemon.exports[export.id]
     daemon.defer(lambda: daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export.id}))
 
