@@ -1,9 +1,7 @@
 """Smoke tests of the repository's scripts on qemu-storage-daemon.
 
-They check that scripts/demo and the benchmarks in bench/ work end to end; they
-assert on correctness only, never on timing.  (The same runs on blockd belong
-here once the engine is complete: `DEMO_ENGINE=blockd`, `--engines blockd`; the qcow2
-benchmark already runs both engines.)
+They check that scripts/demo and the benchmarks in bench/ work end to end, on qsd
+and blockd; they assert on correctness only, never on timing.
 """
 
 import json
@@ -18,7 +16,6 @@ import pytest
 from helpers import require_tool
 from helpers.daemon import REPO
 
-pytestmark = pytest.mark.qsd
 
 
 @pytest.fixture(autouse=True)
@@ -27,16 +24,20 @@ def _tools():
         require_tool(tool)
 
 
-def test_demo_on_qsd():
-    env = {**os.environ, "DEMO_ENGINE": "qsd", "DEMO_SKIP_BOOTSTRAP": "1",
-           "DEMO_PYTHON": sys.executable}
+@pytest.mark.parametrize("demo_engine", ["qsd", "blockd"])
+def test_demo(demo_engine):
+    """The README's main job: a point-in-time backup of a disk being written to."""
+    env = {**os.environ, "DEMO_ENGINE": demo_engine, "DEMO_SKIP_BOOTSTRAP": "1",
+           "DEMO_PYTHON": sys.executable, "DEMO_SIZE_MIB": "64"}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[-1] == "DEMO OK"
-    assert any("exp0: nbd of node src0" in line for line in lines), proc.stdout
+    assert any(line.strip().startswith(f"engine       {demo_engine}") for line in lines), proc.stdout
+    assert any("one point in time" in line for line in lines), proc.stdout
+    assert any("only file0 and src0 remain" in line for line in lines), proc.stdout
 
 
 def test_bench_runs_and_writes_json(tmp_path):
@@ -78,3 +79,27 @@ def test_qcow2_bench_runs_and_writes_json(tmp_path):
     assert set(result["ratio_blockd_qsd"]) == {"full_read", "full_write", "half_read",
                                                "half_write"}
     assert "half  write" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["backup", "cbw"])
+def test_fleecing_bench_runs_and_writes_json(tmp_path, mode):
+    out = tmp_path / "fleece.json"
+    work = tempfile.mkdtemp(prefix="fb-")
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "fleecing_throughput.py"),
+                               "--engines", "qsd,blockd", "--size-mib", "8", "--runs", "1",
+                               "--mode", mode, "--dir", work, "--json", str(out)],
+                              capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL, check=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    for engine in ("qsd", "blockd"):
+        r = result["engines"][engine]
+        assert "error" not in r, r
+        assert r["fleece_verified"] is True
+        assert r["exit_code"] == 0
+        assert set(r) >= {"plain_mibs", "cow_mibs", "fleece_mibs", "cow_ratio"}
+    assert set(result["ratio_blockd_qsd"]) >= {"plain", "cow", "fleece", "cow_ratio"}
+    assert "CoW ratio" in proc.stdout
