@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbd_throughput import (MiB, Engine, add_common_args, add_ratios, emit,  # noqa: E402
-                            engine_command, fill, pick_dir, qsd_args, timed, tool_version)
+from nbd_throughput import (MiB, add_common_args, add_ratios, emit, fill,  # noqa: E402
+                            pick_dir, print_rows, run_engine, timed, tool_version)
 
 METRICS = (("plain", "write, no fleecing      file -> disk"),
            ("cow", "write while fleecing    file -> disk"),
@@ -137,54 +137,41 @@ def fleece_down(q: QMP, mode: str) -> None:
 
 
 def bench_engine(name: str, args, image: Path, source: Path, work: Path) -> dict:
-    prefix, env = engine_command(name, args)
     wd = work / name
-    wd.mkdir(exist_ok=True)
-    argv = [*prefix, *qsd_args(image, wd)]
-    res: dict = {"cmd": argv, "mode": args.mode}
-    eng = Engine(name, argv, env, wd)
-    q = None
     fleece_uri = f"nbd+unix:///fleece?socket={wd / 'nbd.sock'}"
     target = wd / "fleece.qcow2"
-    try:
-        eng.wait_ready()
+    original = str(image.with_suffix(".orig"))
+
+    def body(eng, res: dict) -> None:
+        res["mode"] = args.mode
         q = QMP(wd / "qmp.sock", args.size_mib * MiB)
-        runs: dict = {m: [] for m in METRIC_NAMES}
-        for _run in range(args.runs):
-            runs["plain"].append(timed(["nbdcopy", str(source), eng.uri], args.timeout))
-            # back to the original disk so every cow run copies real old data
-            timed(["nbdcopy", str(image.with_suffix(".orig")), eng.uri], args.timeout)
-            fleece_up(q, args.mode, target)
-            runs["fleece"].append(timed(["nbdcopy", fleece_uri, "null:"], args.timeout))
-            runs["cow"].append(timed(["nbdcopy", str(source), eng.uri], args.timeout))
-            if args.verify:
-                cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
-                                      fleece_uri, str(image.with_suffix(".orig"))],
-                                     timeout=args.timeout, check=False, capture_output=True,
-                                     text=True)
-                if cmp.returncode != 0:
-                    raise RuntimeError("fleecing export changed under writes: "
-                                       f"{cmp.stdout}{cmp.stderr}")
-                res["fleece_verified"] = True
-            fleece_down(q, args.mode)
-            timed(["nbdcopy", str(image.with_suffix(".orig")), eng.uri], args.timeout)
+        try:
+            runs: dict = {m: [] for m in METRIC_NAMES}
+            for _run in range(args.runs):
+                runs["plain"].append(timed(["nbdcopy", str(source), eng.uri], args.timeout))
+                # back to the original disk so every cow run copies real old data
+                timed(["nbdcopy", original, eng.uri], args.timeout)
+                fleece_up(q, args.mode, target)
+                runs["fleece"].append(timed(["nbdcopy", fleece_uri, "null:"], args.timeout))
+                runs["cow"].append(timed(["nbdcopy", str(source), eng.uri], args.timeout))
+                if args.verify:
+                    cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
+                                          fleece_uri, original], timeout=args.timeout,
+                                         check=False, capture_output=True, text=True)
+                    if cmp.returncode != 0:
+                        raise RuntimeError("fleecing export changed under writes: "
+                                           f"{cmp.stdout}{cmp.stderr}")
+                    res["fleece_verified"] = True
+                fleece_down(q, args.mode)
+                timed(["nbdcopy", original, eng.uri], args.timeout)
+        finally:
+            q.close()   # the monitor serves one client: free it for the quit
         for metric, times in runs.items():
             speeds = [args.size_mib / t for t in times]
-            res[f"{metric}_runs"] = [round(s, 1) for s in speeds]
+            res[f"{metric}_runs"] = [round(v, 1) for v in speeds]
             res[f"{metric}_mibs"] = round(max(speeds), 1)
         res["cow_ratio"] = round(res["cow_mibs"] / res["plain_mibs"], 3)
-    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
-        detail = getattr(exc, "stderr", None)
-        res["error"] = f"{type(exc).__name__}: {exc}" + (
-            f"\n{detail.decode(errors='replace') if isinstance(detail, bytes) else detail}"
-            if detail else "")
-    finally:
-        if q is not None:
-            q.close()
-        res["exit_code"] = eng.quit()
-        if "error" in res:
-            res["engine_output"] = eng.output()[-4000:]
-    return res
+    return run_engine(name, args, image, work, body)
 
 
 def merge(best: dict | None, new: dict) -> dict:
@@ -204,18 +191,12 @@ def print_table(results: dict, engines: list[str]) -> None:
     print(f"Fleecing ({results['mode']}), {results['size_mib']} MiB raw disk in "
           f"{results['work_dir']}, unix socket, best of {results['runs'] * results['rounds']} "
           "runs, MiB/s")
-    print(f"{'':42}" + "".join(f"{e:>10}" for e in engines)
-          + (f"{'blockd/qsd':>12}" if ratio else ""))
-    for metric, label in METRICS:
-        row = f"{label:42}"
-        for e in engines:
-            row += f"{eng[e].get(f'{metric}_mibs', float('nan')):>10.1f}"
-        if ratio and metric in ratio:
-            row += f"{ratio[metric]:>12.3f}"
-        print(row)
+    print_rows(results, engines, METRICS, width=42)
     row = f"{'CoW ratio cow/plain':42}"
     for e in engines:
         row += f"{eng[e].get('cow_ratio', float('nan')):>10.3f}"
+    if ratio and "cow_ratio" in ratio:
+        row += f"{ratio['cow_ratio']:>12.3f}"
     print(row)
     for e in engines:
         r = eng[e]

@@ -179,15 +179,43 @@ def tool_version(cmd: list[str]) -> str:
         return "unknown"
 
 
-def bench_engine(name: str, args, image: Path, source: Path, work: Path) -> dict:
+def error_text(exc: BaseException) -> str:
+    """An exception, with the stderr of a failed tool run when there is one."""
+    detail = getattr(exc, "stderr", None)
+    return f"{type(exc).__name__}: {exc}" + (
+        f"\n{detail.decode(errors='replace') if isinstance(detail, bytes) else detail}"
+        if detail else "")
+
+
+def run_engine(name: str, args, image: Path, work: Path, body, make_args=None) -> dict:
+    """Start engine NAME on IMAGE in WORK/NAME, run BODY(engine, result), return result.
+
+    BODY runs once the engine is ready (QMP greeting, NBD handshake) and fills the
+    result dict.  A failure of the start or of BODY is recorded as
+    ``result["error"]`` (with the engine's output) instead of propagating; the
+    engine is always quit and its exit code recorded.  MAKE_ARGS(image, workdir)
+    gives the engine's options (default: :func:`qsd_args`).
+    """
     prefix, env = engine_command(name, args)
     wd = work / name
     wd.mkdir(exist_ok=True)
-    argv = [*prefix, *qsd_args(image, wd)]
+    argv = [*prefix, *(make_args or qsd_args)(image, wd)]
     res: dict = {"cmd": argv}
     eng = Engine(name, argv, env, wd)
     try:
         eng.wait_ready()
+        body(eng, res)
+    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+        res["error"] = error_text(exc)
+    finally:
+        res["exit_code"] = eng.quit()
+        if "error" in res:
+            res["engine_output"] = eng.output()[-4000:]
+    return res
+
+
+def bench_engine(name: str, args, image: Path, source: Path, work: Path) -> dict:
+    def body(eng: Engine, res: dict) -> None:
         info = json.loads(subprocess.run(["nbdinfo", "--json", eng.uri], check=True,
                                          capture_output=True, text=True, timeout=60).stdout)
         exp = info["exports"][0]
@@ -205,16 +233,7 @@ def bench_engine(name: str, args, image: Path, source: Path, work: Path) -> dict
             res["write_verified"] = cmp.returncode == 0
             if cmp.returncode != 0:
                 res["error"] = f"export differs from the written file: {cmp.stdout}{cmp.stderr}"
-    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
-        detail = getattr(exc, "stderr", None)
-        res["error"] = f"{type(exc).__name__}: {exc}" + (
-            f"\n{detail.decode(errors='replace') if isinstance(detail, bytes) else detail}"
-            if detail else "")
-    finally:
-        res["exit_code"] = eng.quit()
-        if "error" in res:
-            res["engine_output"] = eng.output()[-4000:]
-    return res
+    return run_engine(name, args, image, work, body)
 
 
 def merge(best: dict | None, new: dict) -> dict:
@@ -309,20 +328,26 @@ def emit(results: dict, engines: list[str], args, printer) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def print_table(results: dict, engines: list[str]) -> None:
+def print_rows(results: dict, engines: list[str], metrics, width: int = 40) -> None:
+    """The header and one row per (metric, label): MiB/s per engine, then blockd/qsd."""
     eng = results["engines"]
     ratio = results.get("ratio_blockd_qsd")
-    print(f"NBD throughput, {results['size_mib']} MiB raw image in {results['work_dir']}, "
-          f"unix socket, best of {results['runs'] * results['rounds']} runs, MiB/s")
-    head = f"{'':40}" + "".join(f"{e:>10}" for e in engines) + (f"{'blockd/qsd':>12}" if ratio else "")
-    print(head)
-    for metric, label in METRICS:
-        row = f"{label:40}"
+    print(f"{'':{width}}" + "".join(f"{e:>10}" for e in engines)
+          + (f"{'blockd/qsd':>12}" if ratio else ""))
+    for metric, label in metrics:
+        row = f"{label:{width}}"
         for e in engines:
             row += f"{eng[e].get(f'{metric}_mibs', float('nan')):>10.1f}"
         if ratio:
-            row += f"{ratio[metric]:>12.3f}"
+            row += f"{ratio.get(metric, float('nan')):>12.3f}"
         print(row)
+
+
+def print_table(results: dict, engines: list[str]) -> None:
+    eng = results["engines"]
+    print(f"NBD throughput, {results['size_mib']} MiB raw image in {results['work_dir']}, "
+          f"unix socket, best of {results['runs'] * results['rounds']} runs, MiB/s")
+    print_rows(results, engines, METRICS)
     for e in engines:
         r = eng[e]
         if "error" in r:

@@ -38,8 +38,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbd_throughput import (MiB, Engine, add_common_args, add_ratios, emit,  # noqa: E402
-                            engine_command, fill, pick_dir, timed, tool_version)
+from nbd_throughput import (MiB, add_common_args, add_ratios, emit, fill,  # noqa: E402
+                            pick_dir, print_rows, run_engine, timed, tool_version)
 
 IMAGES = ("full", "half")
 METRICS = tuple((f"{img}_{op}", f"{img:5} {label}") for img in IMAGES for op, label in (
@@ -84,27 +84,14 @@ def make_images(work: Path, size: int, cluster: int) -> dict:
 
 def bench_once(name: str, args, pristine: Path, source: Path, work: Path) -> dict:
     """One engine start on a fresh copy: read, write, quit, check."""
-    prefix, env = engine_command(name, args)
-    wd = work / name
-    wd.mkdir(exist_ok=True)
-    image = wd / "image.qcow2"
+    (work / name).mkdir(exist_ok=True)
+    image = work / name / "image.qcow2"
     shutil.copyfile(pristine, image)
-    argv = [*prefix, *qsd_args(image, wd)]
-    res: dict = {"cmd": argv}
-    eng = Engine(name, argv, env, wd)
-    try:
-        eng.wait_ready()
+
+    def body(eng, res: dict) -> None:
         res["read"] = args.size_mib / timed(["nbdcopy", eng.uri, "null:"], args.timeout)
         res["write"] = args.size_mib / timed(["nbdcopy", str(source), eng.uri], args.timeout)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", None)
-        res["error"] = f"{type(exc).__name__}: {exc}" + (
-            f"\n{detail.decode(errors='replace') if isinstance(detail, bytes) else detail}"
-            if detail else "")
-    finally:
-        res["exit_code"] = eng.quit()
-        if "error" in res:
-            res["engine_output"] = eng.output()[-4000:]
+    res = run_engine(name, args, image, work, body, make_args=qsd_args)
     if "error" not in res and args.verify:
         chk = subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(image)],
                              capture_output=True, text=True, timeout=args.timeout, check=False)
@@ -173,19 +160,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict, engines: list[str]) -> None:
     eng = results["engines"]
-    ratio = results.get("ratio_blockd_qsd", {})
     print(f"qcow2 NBD throughput, {results['size_mib']} MiB images, "
           f"{results['cluster_size'] // 1024} KiB clusters, in {results['work_dir']}, "
           f"unix socket, best of {results['runs'] * results['rounds']} runs, MiB/s")
-    print(f"{'':42}" + "".join(f"{e:>10}" for e in engines)
-          + (f"{'blockd/qsd':>12}" if ratio else ""))
-    for metric, label in METRICS:
-        row = f"{label:42}"
-        for e in engines:
-            row += f"{eng[e].get(f'{metric}_mibs', float('nan')):>10.1f}"
-        if ratio:
-            row += f"{ratio.get(metric, float('nan')):>12.3f}"
-        print(row)
+    print_rows(results, engines, METRICS, width=42)
     for e in engines:
         for err in eng[e].get("errors", []):
             print(f"{e}: ERROR {err['error']}\n{err.get('engine_output', '')}", file=sys.stderr)

@@ -264,3 +264,20 @@ def wait_qmp_greeting(address: str | Path, timeout: float = 10.0,
             if not alive() or time.monotonic() > deadline:
                 raise
         time.sleep(0.02)
+
+
+def del_export(q: "QMP", exp: str, timeout: float = 10.0) -> None:
+    """block-export-del once the server has seen the test's clients go.
+
+    NBD clients disconnect asynchronously: until the server notices, both engines
+    answer "export 'x' still in use".  Waits for BLOCK_EXPORT_DELETED.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = q.cmd_raw("block-export-del", {"id": exp})
+        if "return" in reply:
+            break
+        assert reply["error"]["desc"] == f"export '{exp}' still in use", reply
+        assert time.monotonic() < deadline, reply
+        time.sleep(0.01)
+    q.event_wait("BLOCK_EXPORT_DELETED", match={"data": {"id": exp}})

@@ -10,11 +10,10 @@ prove it).
 import hashlib
 import os
 import subprocess
-import time
 
 import pytest
 
-from helpers import MiB, make_raw_image, nbdcopy, nbdinfo_json, qemu_img
+from helpers import MiB, del_export, make_raw_image, nbdcopy, nbdinfo_json, qemu_img
 
 CL = 64 * 1024
 SIZE = 4 * MiB
@@ -53,20 +52,6 @@ def fleecing_args(src, sfmt, tgt, tfmt, cbw_extra=""):
             "--blockdev", "driver=snapshot-access,node-name=snap,file=cbw",
             "--export", "type=nbd,id=e-cbw,node-name=cbw,name=cbw,writable=on",
             "--export", "type=nbd,id=e-snap,node-name=snap,name=snap")
-
-
-def del_export(q, exp):
-    """block-export-del once the server has seen our clients go (they disconnect
-    asynchronously: until then both engines answer "export 'x' still in use")."""
-    deadline = time.monotonic() + 10
-    while True:
-        reply = q.cmd_raw("block-export-del", {"id": exp})
-        if "return" in reply:
-            break
-        assert reply["error"]["desc"] == f"export '{exp}' still in use", reply
-        assert time.monotonic() < deadline, reply
-        time.sleep(0.01)
-    q.event_wait("BLOCK_EXPORT_DELETED", match={"data": {"id": exp}})
 
 
 def type_of(extents, lo, hi):

@@ -21,11 +21,10 @@ Set-ups, on qsd and blockd alike:
 import hashlib
 import random
 import threading
-import time
 
 import pytest
 
-from helpers import MiB, make_raw_image, qemu_img
+from helpers import MiB, del_export, make_raw_image, qemu_img
 
 SIZE = 2 * MiB
 CLIENTS = 3
@@ -66,20 +65,6 @@ def plan(rng, runs, zeroes=True):
         else:
             ops.append((off, rng.randbytes(length), length))
     return ops
-
-
-def del_export(q, exp):
-    """block-export-del once the server has seen our clients go (they disconnect
-    asynchronously: until then both engines answer "export 'x' still in use")."""
-    deadline = time.monotonic() + 10
-    while True:
-        reply = q.cmd_raw("block-export-del", {"id": exp})
-        if "return" in reply:
-            break
-        assert reply["error"]["desc"] == f"export '{exp}' still in use", reply
-        assert time.monotonic() < deadline, reply
-        time.sleep(0.01)
-    q.event_wait("BLOCK_EXPORT_DELETED", match={"data": {"id": exp}})
 
 
 class Setup:

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 
 from ..errors import QMPError
 from ..graph import blockers
+from ..graph.blockcopy import chain_contains
 from .blockjob import BlockJob, DrainedSection
 from .job import JobTxn
 
@@ -59,22 +60,6 @@ def drop_filter(daemon: Any, filter_node: Any) -> None:
 def _dirty_bytes(bitmap: Any) -> int:
     value = getattr(bitmap, "dirty_bytes")
     return value() if callable(value) else int(value)
-
-
-def _chain_contains(top: Any, node: Any) -> bool:
-    """``bdrv_chain_contains(top, node)``: ``node`` is ``top`` or in its backing chain."""
-    cur = top
-    while cur is not None:
-        if cur is node:
-            return True
-        nxt = cur.backing
-        if nxt is None:
-            # filters (raw, cbw...) pass on to their file child for chain purposes
-            drv = getattr(cur, "driver", None)
-            if drv is not None and getattr(drv, "is_filter", False):
-                nxt = cur.file
-        cur = nxt
-    return False
 
 
 def supports_compressed_writes(node: Any) -> bool:
@@ -312,7 +297,7 @@ def backup_job_create(daemon: Any, job_id: str, source: Any, target: Any, sync: 
                            % (max_chunk, cluster))
         fleecing = getattr(bcs, "is_fleecing", None)
         if fleecing is None:
-            fleecing = _chain_contains(target, source)
+            fleecing = chain_contains(target, source)
         if fleecing:
             # old-style fleecing: reads of the target wait for copies in flight
             serialise = getattr(bcs, "serialise_target_reads", None)
