@@ -300,7 +300,7 @@ def _bitmap_merge_prepare(state: ActionState) -> None:
 def _bitmap_add_prepare(state: ActionState) -> None:
     """``block_dirty_bitmap_add_prepare()`` up to the node lookup."""
     _lookup_device(state, "node")
-    raise QMPError("Dirty bitmaps are not supported by blockd yet")
+    raise QMPError("Dirty bitmaps are not supported by blockd")
 
 
 # The dirty-bitmap issue replaces these with the real handlers, one line each.
