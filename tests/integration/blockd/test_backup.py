@@ -546,7 +546,7 @@ def test_source_read_error_report(daemon, engine, tmp_path):
                                                   "Input/output error", SIZE)
     assert events[7:] == ["concluded", "null"]
     assert node_names(q) == before
-    d.quit()
+    assert d.quit() == 0
     assert img.read_bytes() == before_src
 
 
@@ -586,7 +586,7 @@ def test_full_backup_to_qcow2_with_options(daemon, engine, tmp_path, extra):
     assert backup(q, sync="full", **extra) == {}
     assert job_events(q, "j") == START + ["waiting", "pending", completed(), "concluded",
                                           "null"]
-    d.quit()
+    assert d.quit() == 0
     assert compare(src, tgt, fmt_b="qcow2").returncode == 0
     assert "No errors" in qemu_img("check", "-f", "qcow2", str(tgt)).stdout
 
@@ -618,3 +618,42 @@ def test_export_delete_drains_the_job_below(daemon, engine, tmp_path):
         assert seen == (flaps if node == "fl" else []), (export_id, seen)
     q.cmd("block-job-cancel", device="j")
     assert job_events(q, "j")[-1] == "null"
+
+
+# --- push backup from snapshot-access --------------------------------------------------------
+
+def test_push_backup_from_snapshot_access(daemon, engine, tmp_path, libnbd):
+    """Modern fleecing with push: cbw + snapshot-access, then blockdev-backup sync=full of the
+    snapshot to a third image while the guest keeps writing through the filter."""
+    src = pattern_image(tmp_path / "src.img")
+    original = src.read_bytes()
+    tgt = tmp_path / "tgt.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(tgt), str(SIZE))
+    out = make_raw_image(tmp_path / "out.img", SIZE)
+    d = daemon(engine, "--blockdev", f"driver=file,node-name=src,filename={src}",
+               "--blockdev", f"driver=file,node-name=tf,filename={tgt}",
+               "--blockdev", "driver=qcow2,node-name=tgt,file=tf",
+               "--blockdev", "driver=copy-before-write,node-name=cbw,file=src,target=tgt",
+               "--blockdev", "driver=snapshot-access,node-name=snap,file=cbw",
+               "--blockdev", f"driver=file,node-name=out,filename={out}",
+               "--export", "type=nbd,id=disk,node-name=cbw,name=disk,writable=on", nbd=True)
+    q = d.qmp
+    w = libnbd.NBD()
+    w.connect_uri(d.nbd_uri("disk"))
+    w.pwrite(b"\x11" * 4096, 0)          # copied into tgt before the push starts
+    assert q.cmd_raw("blockdev-backup", {"job-id": "push", "device": "snap", "target": "out",
+                                         "sync": "full", "speed": 4 * MiB}) == {"return": {}}
+    for off in range(0, SIZE, 3 * CLUSTER):
+        w.pwrite(b"\x22" * 512, off + 100)   # the guest keeps writing during the push
+    w.flush()
+    events = job_events(q, "push")
+    assert events == START + ["waiting", "pending", completed("push", speed=4 * MiB),
+                              "concluded", "null"]
+    w.shutdown()
+    assert out.read_bytes() == original
+    assert d.quit() == 0
+    data = bytearray(original)
+    data[0:4096] = b"\x11" * 4096
+    for off in range(0, SIZE, 3 * CLUSTER):
+        data[off + 100:off + 612] = b"\x22" * 512
+    assert src.read_bytes() == bytes(data)
