@@ -220,8 +220,6 @@ def test_actions_blockd_does_not_do(daemon, engine, tmp_path):
     cases = [
         ({"type": "blockdev-snapshot-internal-sync", "data": {"device": "b", "name": "s1"}},
          "Internal snapshots are not supported by blockd"),
-        ({"type": "block-dirty-bitmap-add", "data": {"node": "a", "name": "x"}},
-         "Dirty bitmaps are not supported by blockd"),
         ({"type": "drive-backup", "data": {"device": "a", "target": str(tmp_path / "t.qcow2"),
                                            "sync": "full", "job-id": "j"}},
          "drive-backup is not supported by blockd; use blockdev-backup"),
@@ -232,7 +230,8 @@ def test_actions_blockd_does_not_do(daemon, engine, tmp_path):
             assert reply["error"]["desc"] == blockd_error
             assert state(q) == before
         else:
-            # qsd does them: an internal snapshot, a bitmap, a backup job to a new image
+            # qsd does them: an internal snapshot, a backup job to a new image
+            # (bitmap actions: test_bitmaps.py)
             assert reply == {"return": {}}, reply
     if engine == "qsd":
         q.event_wait("JOB_STATUS_CHANGE", match={"data": {"id": "j", "status": "concluded"}})

@@ -35,5 +35,5 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 def load_all() -> Dict[str, Handler]:
     """Import every command module (they register on import)."""
-    from . import backup, block, blockjobs, control, exports, jobs, objects, transaction  # noqa: F401
+    from . import backup, bitmaps, block, blockjobs, control, exports, jobs, objects, transaction  # noqa: F401
     return COMMANDS

@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, List
 
 from ..errors import QMPError
-from ..graph import blockers, perms
+from ..graph import blockers, dirty_bitmap, perms
 from . import command
 
 
@@ -75,6 +75,8 @@ def block_resize(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
             node.driver.truncate(size)
         except OSError as exc:
             raise QMPError(exc.strerror or os.strerror(exc.errno or errno.EIO)) from None
+        finally:
+            dirty_bitmap.sizes_changed(daemon.graph.nodes.values())
     return {}
 
 

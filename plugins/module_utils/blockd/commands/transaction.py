@@ -276,38 +276,16 @@ register("drive-backup", ActionDrv(prepare=_drive_backup_prepare, modes=None))
 register("blockdev-snapshot-internal-sync", ActionDrv(prepare=_internal_snapshot_prepare))
 
 
-def _bitmap_node(state: ActionState) -> Any:
-    """``block_dirty_bitmap_lookup()``: the node first."""
-    name = state.data["node"]
-    node = state.daemon.graph.find(name)
-    if node is None:
-        raise QMPError("Node '%s' not found" % name)
-    return node
+from . import bitmaps as _bm  # noqa: E402 - the real dirty bitmap actions
 
-
-def _bitmap_prepare(state: ActionState) -> None:
-    """remove/clear/enable/disable: blockd has no dirty bitmaps yet, so none is found."""
-    _bitmap_node(state)
-    raise QMPError("Dirty bitmap '%s' not found" % state.data["name"])
-
-
-def _bitmap_merge_prepare(state: ActionState) -> None:
-    """``block_dirty_bitmap_merge()`` looks the target up first."""
-    _bitmap_node(state)
-    raise QMPError("Dirty bitmap '%s' not found" % state.data["target"])
-
-
-def _bitmap_add_prepare(state: ActionState) -> None:
-    """``block_dirty_bitmap_add_prepare()`` up to the node lookup."""
-    _lookup_device(state, "node")
-    raise QMPError("Dirty bitmaps are not supported by blockd")
-
-
-# The dirty-bitmap issue replaces these with the real handlers, one line each.
-register("block-dirty-bitmap-add", ActionDrv(prepare=_bitmap_add_prepare))
-for _kind in ("remove", "clear", "enable", "disable"):
-    register("block-dirty-bitmap-" + _kind, ActionDrv(prepare=_bitmap_prepare))
-register("block-dirty-bitmap-merge", ActionDrv(prepare=_bitmap_merge_prepare))
+register("block-dirty-bitmap-add", ActionDrv(prepare=_bm.add_prepare, abort=_bm.add_abort))
+register("block-dirty-bitmap-remove", ActionDrv(prepare=_bm.remove_prepare,
+                                                commit=_bm.remove_commit, abort=_bm.remove_abort))
+register("block-dirty-bitmap-clear", ActionDrv(prepare=_bm.clear_prepare, abort=_bm.restore_abort))
+register("block-dirty-bitmap-enable", ActionDrv(prepare=_bm.enable_prepare, abort=_bm.toggle_abort))
+register("block-dirty-bitmap-disable", ActionDrv(prepare=_bm.disable_prepare,
+                                                 abort=_bm.toggle_abort))
+register("block-dirty-bitmap-merge", ActionDrv(prepare=_bm.merge_prepare, abort=_bm.restore_abort))
 
 
 # -- commands -------------------------------------------------------------------------

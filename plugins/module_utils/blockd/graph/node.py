@@ -81,6 +81,8 @@ class Node:
         self.pdiscard = driver.pdiscard if self.unmap else _ignore_discard
         self.flush = driver.flush
         self.block_status = driver.block_status
+        if getattr(self, "bitmap_hook", None) is not None:
+            self.bitmap_hook(self)  # dirty bitmaps track writes (graph/dirty_bitmap.py)
 
     def attach_child(self, role: str, node: "Node") -> Child:
         """Add the edge ``self --role--> node``."""

@@ -20,7 +20,7 @@ from ...errors import QMPError
 from ...graph.io import (BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_DATA, BDRV_BLOCK_ZERO, REQ_FUA,
                          REQ_MAY_UNMAP, REQ_NO_FALLBACK, SEG_DATA, SEG_FD, SEG_ZERO)
 from ..base import Driver
-from . import header as hdr
+from . import bitmaps, header as hdr
 from .backing import ChainGuard, file_identity, header_backing_options, open_backing
 from .cluster import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, W_INPLACE
 from .image import ImageOptions, Qcow2Image
@@ -126,6 +126,7 @@ class Qcow2Driver(Driver):
                     and not self.creating:
                 self._repair_dirty()
             self._open_backing(options, path)
+            bitmaps.load(self)
 
     def _apply_options(self, options: Dict[str, Any]) -> None:
         """Runtime options that need the header (cache sizes, checks).
@@ -206,6 +207,7 @@ class Qcow2Driver(Driver):
         if self._closed:
             return
         self._closed = True
+        bitmaps.shutdown(self)
         self.img.close()
 
     def close(self) -> None:
