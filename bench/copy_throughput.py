@@ -1,0 +1,167 @@
+"""Backup pull speed: nbd_copy (blockd.copy) against qemu-img convert and nbdcopy.
+
+Each engine (qsd, blockd) serves, read-only over NBD on a unix socket, a raw image
+that is half allocated (4 MiB of random data every 8 MiB, in /dev/shm when it fits);
+from that same export, best of --runs (wall time of the whole process, start-up
+included):
+
+  qemu-img   qemu-img convert -O qcow2 URI out.qcow2        (the reference)
+  copy-q     python3 -m blockd.copy pull URI out.qcow2 -O qcow2  (manifest, checksums)
+  copy-r     python3 -m blockd.copy pull URI out.raw
+  nbdcopy    nbdcopy URI out.raw                             (raw only)
+
+Then a 1 TiB empty (null-co, read-zeroes) export pulled into qcow2 by nbd_copy and by
+qemu-img convert, in seconds.  With --verify (default) every output is compared with
+the image (qemu-img compare).  MiB/s are of the virtual size; the ratio
+copy-q/qemu-img is the target (>= 1.0).  --json PATH writes everything.
+Standard library only.
+
+Example:  python3 bench/copy_throughput.py --engines qsd,blockd --size-mib 1024 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbd_throughput import (  # noqa: E402  pylint: disable=wrong-import-position
+    EXPORT, MiB, REPO, add_common_args, emit, pick_dir, print_rows, run_engine, timed,
+    tool_version)
+
+TIB = 1 << 40
+METRICS = (("qemu_img", "qemu-img convert -O qcow2"),
+           ("copy_qcow2", "nbd_copy -> qcow2 (+manifest)"),
+           ("copy_raw", "nbd_copy -> raw (+manifest)"),
+           ("nbdcopy", "nbdcopy -> raw"))
+
+
+def ro_args(image: Path, workdir: Path) -> list[str]:
+    """qsd arguments: IMAGE as a read-only raw export."""
+    return ["--blockdev", f"driver=file,node-name=file0,filename={image},read-only=on",
+            "--blockdev", "driver=raw,node-name=src0,file=file0,read-only=on",
+            "--nbd-server", f"addr.type=unix,addr.path={workdir / 'nbd.sock'}",
+            "--export", f"type=nbd,id=exp0,node-name=src0,name={EXPORT}",
+            "--chardev", f"socket,path={workdir / 'qmp.sock'},server=on,wait=off,id=qmp0",
+            "--monitor", "chardev=qmp0"]
+
+
+def null_args(_image: Path, workdir: Path) -> list[str]:
+    """qsd arguments: a 1 TiB null-co export that reads zeroes."""
+    return ["--blockdev", f"driver=null-co,node-name=src0,size={TIB},read-zeroes=on",
+            "--nbd-server", f"addr.type=unix,addr.path={workdir / 'nbd.sock'}",
+            "--export", f"type=nbd,id=exp0,node-name=src0,name={EXPORT}",
+            "--chardev", f"socket,path={workdir / 'qmp.sock'},server=on,wait=off,id=qmp0",
+            "--monitor", "chardev=qmp0"]
+
+
+def half_allocated(path: Path, size: int) -> None:
+    """4 MiB of random data every 8 MiB, holes between."""
+    block = os.urandom(4 * MiB)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 8 * MiB):
+            f.seek(off)
+            f.write(block[:min(4 * MiB, size - off)])
+
+
+def copy_cmd(uri: str, out: Path, fmt: str) -> list[str]:
+    return [sys.executable, "-m", "blockd.copy", "pull", uri, str(out), "--format", fmt,
+            "--overwrite", "--no-resume"]
+
+
+def commands(uri: str, wd: Path) -> dict:
+    return {"qemu_img": (["qemu-img", "convert", "-O", "qcow2", uri, str(wd / "q.qcow2")],
+                         wd / "q.qcow2", "qcow2"),
+            "copy_qcow2": (copy_cmd(uri, wd / "c.qcow2", "qcow2"), wd / "c.qcow2", "qcow2"),
+            "copy_raw": (copy_cmd(uri, wd / "c.raw", "raw"), wd / "c.raw", "raw"),
+            "nbdcopy": (["nbdcopy", uri, str(wd / "n.raw")], wd / "n.raw", "raw")}
+
+
+def clean(path: Path) -> None:
+    for p in (path, Path(str(path) + ".manifest.json")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def bench_engine(name: str, args, image: Path, work: Path) -> dict:
+    def body(eng, res: dict) -> None:
+        for metric, (cmd, out, fmt) in commands(eng.uri, eng.workdir).items():
+            runs = []
+            for _run in range(args.runs):
+                clean(out)
+                runs.append(timed(cmd, args.timeout))
+            res[f"{metric}_seconds"] = [round(r, 3) for r in runs]
+            res[f"{metric}_mibs"] = round(args.size_mib / min(runs), 1)
+            if args.verify:
+                cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt,
+                                      str(image), str(out)], capture_output=True, text=True,
+                                     timeout=args.timeout, check=False)
+                res[f"{metric}_verified"] = cmp.returncode == 0
+                if cmp.returncode:
+                    res["error"] = f"{metric}: output differs: {cmp.stdout}{cmp.stderr}"
+            clean(out)
+
+    def sparse(eng, res: dict) -> None:
+        for metric, (cmd, out, _fmt) in commands(eng.uri, eng.workdir).items():
+            if metric in ("qemu_img", "copy_qcow2"):
+                clean(out)
+                res[f"tib_{metric}_seconds"] = round(min(timed(cmd, args.timeout)
+                                                         for _r in range(args.runs)), 3)
+                clean(out)
+
+    res = run_engine(name, args, image, work, body, make_args=ro_args)
+    res.update(run_engine(name, args, image, work, sparse, make_args=null_args))
+    return res
+
+
+def print_table(results: dict, engines: list[str]) -> None:
+    print_rows(results, engines, METRICS, width=36)
+    eng = results["engines"]
+    for metric, label in (("qemu_img", "1 TiB sparse: qemu-img convert (s)"),
+                          ("copy_qcow2", "1 TiB sparse: nbd_copy (s)")):
+        print(f"{label:36}" + "".join(f"{eng[e].get(f'tib_{metric}_seconds', float('nan')):>10.3f}"
+                                      for e in engines))
+    for e in engines:
+        r = eng[e]
+        if "copy_qcow2_mibs" in r and "qemu_img_mibs" in r:
+            print(f"{e}: nbd_copy/qemu-img (qcow2) = "
+                  f"{r['copy_qcow2_mibs'] / r['qemu_img_mibs']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, rounds=1, verify_help="skip the qemu-img compare of the outputs")
+    args = p.parse_args(argv)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "plugins" / "module_utils"),
+                                                             os.environ.get("PYTHONPATH")]))
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    size = args.size_mib * MiB
+    work = pick_dir(args.dir, 4 * size)
+    results: dict = {"size_mib": args.size_mib, "runs": args.runs, "unit": "MiB/s",
+                     "nproc": os.cpu_count(), "loadavg": os.getloadavg(),
+                     "tools": {"qemu-img": tool_version(["qemu-img", "--version"]),
+                               "nbdcopy": tool_version(["nbdcopy", "--version"])},
+                     "engines": {}}
+    try:
+        image = work / "image.raw"
+        half_allocated(image, size)
+        for name in engines:
+            print(f"... {name}", file=sys.stderr, flush=True)
+            results["engines"][name] = bench_engine(name, args, image, work)
+    finally:
+        if not args.keep:
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
+    emit(results, engines, args, print_table)
+    return 1 if any("error" in r for r in results["engines"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
