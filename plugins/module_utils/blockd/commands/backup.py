@@ -13,39 +13,48 @@ commit); :func:`blockdev_backup` is prepare + start.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import QMPError
+from ..graph import dirty_bitmap as dbm
 from ..jobs.backup import BackupJob, backup_job_create
 from ..jobs.blockjob import DrainedSection, drain_all_flap
 from ..jobs.job import JobTxn
 from . import command
 
 
-def _common_checks(args: Dict[str, Any], source: Any) -> None:
-    """``do_backup_common()``'s option checks, in QEMU's order (bitmaps: none exist yet)."""
+def _common_checks(args: Dict[str, Any], source: Any) -> Tuple[str, Optional[Any], str]:
+    """``do_backup_common()``'s option checks, in QEMU's order.
+
+    :return: the sync mode (``incremental`` becomes ``bitmap``), the sync
+        bitmap (or None) and the bitmap mode.
+    """
     sync = args["sync"]
+    mode = args.get("bitmap-mode")
     if sync in ("bitmap", "incremental") and "bitmap" not in args:
+        # checked before 'incremental' is desugared, for the message
         raise QMPError("must provide a valid bitmap name for '%s' sync mode" % sync)
-    if sync == "incremental" and args.get("bitmap-mode", "on-success") != "on-success":
-        raise QMPError("Bitmap sync mode must be 'on-success' when using sync mode "
-                       "'incremental'")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise QMPError("Bitmap sync mode must be 'on-success' when using sync mode "
+                           "'incremental'")
+        sync, mode = "bitmap", "on-success"
+    bitmap = None
     if "bitmap" in args:
-        find = getattr(source, "find_dirty_bitmap", None)
-        bitmap = find(args["bitmap"]) if find is not None else None
+        bitmap = dbm.find(source, args["bitmap"])
         if bitmap is None:
             raise QMPError("Bitmap '%s' could not be found" % args["bitmap"])
-        if "bitmap-mode" not in args:
+        if mode is None:
             raise QMPError("Bitmap sync mode must be given when providing a bitmap")
+        bitmap.check(dbm.BITMAP_ALLOW_RO)
         if sync == "none":
             raise QMPError("sync mode 'none' does not produce meaningful bitmap outputs")
-        if args["bitmap-mode"] == "never" and sync != "bitmap":
+        if mode == "never" and sync != "bitmap":
             raise QMPError("Bitmap sync mode 'never' has no meaningful effect when combined "
                            "with sync mode '%s'" % sync)
-        # backups driven by a dirty bitmap come with the bitmap work
-        raise QMPError("Backup with a dirty bitmap is not supported by blockd")
-    if "bitmap" not in args and "bitmap-mode" in args:
+    if "bitmap" not in args and mode is not None:
         raise QMPError("Cannot specify bitmap sync mode without a bitmap")
+    return sync, bitmap, mode or "on-success"
 
 
 def backup_prepare(daemon: Any, args: Dict[str, Any], txn: Optional[JobTxn]) -> BackupJob:
@@ -66,13 +75,14 @@ def backup_prepare(daemon: Any, args: Dict[str, Any], txn: Optional[JobTxn]) -> 
         target = graph.lookup(args["target"])
         drain = DrainedSection(daemon, source).begin()
         try:
-            _common_checks(args, source)
+            sync, bitmap, mode = _common_checks(args, source)
             job = backup_job_create(
-                daemon, args.get("job-id", ""), source, target, args["sync"],
+                daemon, args.get("job-id", ""), source, target, sync,
                 args.get("speed", 0), args.get("compress", False),
                 args.get("filter-node-name"), args.get("x-perf", {}),
                 args.get("on-source-error", "report"), args.get("on-target-error", "report"),
-                args.get("auto-finalize", True), args.get("auto-dismiss", True), txn, drain)
+                args.get("auto-finalize", True), args.get("auto-dismiss", True), txn, drain,
+                sync_bitmap=bitmap, bitmap_mode=mode)
         except BaseException:
             drain.end()
             raise

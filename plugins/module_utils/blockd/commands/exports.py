@@ -13,10 +13,11 @@ the command's reply.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import QMPError
 from ..jobs.blockjob import DrainedSection
+from ..graph import dirty_bitmap as dbm
 from ..graph import perms
 from ..graph.backend import Backend
 from ..graph.snapshot import release_if_unused
@@ -41,6 +42,8 @@ class Export:
         self.backend = backend
         self.nbd = nbd
         self.shutting_down = False
+        #: The dirty bitmaps exported (busy while the export lives).
+        self.bitmaps: List[Any] = []
 
     def info(self) -> Dict[str, Any]:
         """BlockExportInfo, members in qsd's order."""
@@ -71,6 +74,7 @@ def start_server(daemon: Any, addr: Dict[str, Any], max_connections: int = 100,
 def add_export(daemon: Any, args: Dict[str, Any]) -> Export:
     """block-export-add for ``type=nbd`` (also used by nbd-server-add and --export)."""
     from ..nbd import NBDExport
+    from ..nbd.export import META_ID_DIRTY_BITMAP, DirtyBitmapContext
     export_id = args["id"]
     if not _ID.match(export_id):
         raise QMPError("Invalid block export id")
@@ -94,21 +98,70 @@ def add_export(daemon: Any, args: Dict[str, Any]) -> Export:
         raise QMPError("description '%s' too long" % description)
     if name in server.exports:
         raise QMPError("NBD server already has export named '%s'" % name)
-    if args.get("bitmaps"):
-        raise QMPError("Dirty bitmaps are not supported by blockd yet")
+    bitmaps = _export_bitmaps(daemon, node, args.get("bitmaps") or [], not writable)
     # nbd_export_create(): "Don't allow resize while the NBD server is running"
     backend = Backend(daemon.graph, node, writable, "block export '%s'" % export_id,
                       shared=perms.ALL - {"resize"})
     try:
         nbd = NBDExport(export_id, name, backend, writable, description=description,
                         allocation_depth=bool(args.get("allocation-depth", False)))
+        for i, (bm_name, bitmap) in enumerate(bitmaps):
+            nbd.add_context(DirtyBitmapContext(bm_name, META_ID_DIRTY_BITMAP + i, bitmap),
+                            same_name=True)
         server.add_export(nbd)
     except BaseException:
         backend.detach()
         raise
     export = Export(export_id, backend, nbd)
+    # marked busy in a separate loop once nothing can fail (nbd_export_create())
+    export.bitmaps = [bitmap for _name, bitmap in bitmaps]
+    for bitmap in export.bitmaps:
+        bitmap.busy = True
     daemon.exports[export_id] = export
     return export
+
+
+def _filtered_or_cow(node: Any) -> Any:
+    """``bdrv_filter_or_cow_bs()``: the backing child, or a filter's filtered child."""
+    if node.backing is not None:
+        return node.backing
+    if getattr(getattr(node, "driver", None), "is_filter", False):
+        return node.file
+    return None
+
+
+def _export_bitmaps(daemon: Any, node: Any, specs: List[Any],
+                    readonly: bool) -> List[Tuple[str, Any]]:
+    """The ``bitmaps`` of an NBD export (``nbd_export_create()``'s loop).
+
+    A plain name is looked up on the exported node and down its filter and
+    backing chain; ``{node, name}`` names the node.
+
+    :return: ``(name, bitmap)`` pairs in the given order.
+    :raise QMPError: QEMU's text for a missing, busy, inconsistent bitmap or an
+        enabled one on a writable node of a read-only export.
+    """
+    from .bitmaps import lookup
+    found: List[Tuple[str, Any]] = []
+    for spec in specs:
+        if isinstance(spec, str):
+            bitmap, owner = None, node
+            while owner is not None:
+                bitmap = dbm.find(owner, spec)
+                if bitmap is not None:
+                    break
+                owner = _filtered_or_cow(owner)
+            if bitmap is None:
+                raise QMPError("Bitmap '%s' is not found" % spec)
+            if readonly and not owner.read_only and bitmap.enabled:
+                raise QMPError("Enabled bitmap '%s' incompatible with readonly export" % spec)
+            name = spec
+        else:
+            name = spec["name"]
+            bitmap = lookup(daemon, spec["node"], name)[1]
+        bitmap.check(dbm.BITMAP_ALLOW_RO)
+        found.append((name, bitmap))
+    return found
 
 
 def delete_export(daemon: Any, export: Export, hard: bool) -> None:
@@ -128,6 +181,8 @@ def delete_export(daemon: Any, export: Export, hard: bool) -> None:
         root = export.backend.root
         export.backend.detach()
         release_if_unused(daemon.graph, root)  # blk_unref() -> bdrv_unref()
+    for bitmap in getattr(export, "bitmaps", ()):
+        bitmap.busy = False   # nbd_export_delete()
     del daemon.exports[export.id]
     daemon.defer(lambda: daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export.id}))
 

@@ -317,6 +317,11 @@ def cbw_append(source: Any, target: Any, filter_node_name: Optional[str] = None,
         options["node-name"] = filter_node_name
     options["file"] = source.name
     options["target"] = target.name
+    if source.read_only:
+        # QEMU opens the filter read-write over a read-only source (it asks no write
+        # permission of it while nobody writes); blockd's graph refuses a writable
+        # parent of a read-only node, so the filter inherits read-only instead.
+        options["read-only"] = True
     options.update(opts)
     with graph.gate.drained():
         node = graph.open(options, monitor_owned=False)

@@ -94,6 +94,9 @@ class DirtyBitmap:
         #: Do not write back to the image (transaction remove in progress).
         self.skip_store = False
         self.node: Any = None
+        #: The anonymous bitmap taking the writes while a backup uses this one
+        #: (``bdrv_dirty_bitmap_create_successor()``).
+        self.successor: Optional["DirtyBitmap"] = None
 
     # -- bits ---------------------------------------------------------------
 
@@ -293,7 +296,9 @@ class DirtyBitmap:
         info: Dict[str, Any] = {}
         if self.name is not None:
             info["name"] = self.name
-        info.update({"recording": self.enabled, "persistent": self.persistent,
+        # bdrv_dirty_bitmap_recording(): an enabled successor records for it
+        recording = self.enabled or (self.successor is not None and self.successor.enabled)
+        info.update({"recording": recording, "persistent": self.persistent,
                      "busy": self.busy, "granularity": self.granularity,
                      "count": self.count()})
         if self.inconsistent:
@@ -465,3 +470,49 @@ def sizes_changed(nodes: Any) -> None:
         for bm in bms:
             if bm.size != size:
                 bm.truncate(size)
+
+
+# -- successors (a backup's frozen bitmap) -------------------------------------------
+
+def create_successor(bitmap: DirtyBitmap) -> DirtyBitmap:
+    """``bdrv_dirty_bitmap_create_successor()``: an anonymous bitmap of the same
+    granularity takes the writes (enabled as ``bitmap`` was); ``bitmap`` is
+    disabled and busy.
+
+    :raise QMPError: the bitmap is busy or already has a successor.
+    """
+    bitmap.check(BITMAP_BUSY)
+    if bitmap.successor is not None:
+        raise QMPError("Cannot create a successor for a bitmap that already has one")
+    child = attach(bitmap.node, DirtyBitmap(bitmap.node.getlength(), bitmap.granularity))
+    child.enabled = bitmap.enabled
+    bitmap.enabled = False
+    bitmap.successor = child
+    bitmap.busy = True
+    return child
+
+
+def abdicate(bitmap: DirtyBitmap) -> DirtyBitmap:
+    """``bdrv_dirty_bitmap_abdicate()``: the successor takes the name and the
+    persistence, ``bitmap`` is released; return the successor."""
+    child = bitmap.successor
+    assert child is not None
+    child.name, bitmap.name = bitmap.name, None
+    child.persistent, bitmap.persistent = bitmap.persistent, False
+    bitmap.successor = None
+    bitmap.busy = False
+    release(bitmap)
+    return child
+
+
+def reclaim(bitmap: DirtyBitmap) -> DirtyBitmap:
+    """``bdrv_reclaim_dirty_bitmap()``: merge the successor back into ``bitmap``,
+    which records again as the successor did; the successor is released."""
+    child = bitmap.successor
+    assert child is not None
+    bitmap.enabled = child.enabled   # writes from here on land in both, then in bitmap
+    release(child)
+    bitmap.merge_from(child)
+    bitmap.busy = False
+    bitmap.successor = None
+    return bitmap

@@ -17,6 +17,16 @@ every dirty area in chunks (``backup_loop``), with a pause point and the
 speed limit between chunks and the error policies after a failed chunk.  The
 filter and the blockers go at ``clean`` (``backup_clean``), so the graph is
 as before the job.
+
+Dirty bitmaps (``sync=bitmap``; ``incremental`` is ``bitmap`` with
+``bitmap-mode=on-success``; ``full``/``top`` may name a bitmap to update):
+``backup_job_create`` freezes the bitmap with an anonymous *successor* that
+takes the writes during the job (``bdrv_dirty_bitmap_create_successor``; the
+bitmap is busy), ``run`` leaves dirty only the copy-bitmap clusters the
+bitmap marks, and ``commit``/``abort`` follow ``backup_cleanup_sync_bitmap``:
+the successor replaces the bitmap (``abdicate``: on success unless ``never``,
+always with ``always``) or is merged back into it (``reclaim``); a failed or
+cancelled ``always`` backup also merges in the clusters not copied.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Any, Dict, Optional
 
 from ..errors import QMPError
 from ..graph import blockers
+from ..graph import dirty_bitmap as dbm
 from ..graph.blockcopy import chain_contains
 from .blockjob import BlockJob, DrainedSection
 from .job import JobTxn
@@ -84,8 +95,14 @@ class BackupJob(BlockJob):
     def __init__(self, daemon: Any, job_id: Optional[str], filter_node: Any, source: Any,
                  target: Any, sync: str, speed: int, on_source_error: str,
                  on_target_error: str, auto_finalize: bool, auto_dismiss: bool,
-                 txn: Optional[JobTxn], max_chunk: int) -> None:
+                 txn: Optional[JobTxn], max_chunk: int,
+                 sync_bitmap: Optional[dbm.DirtyBitmap] = None,
+                 bitmap_mode: str = "on-success") -> None:
         self.daemon = daemon  # (Job sets it too, after the id checks)
+        #: The frozen bitmap of sync=bitmap (or of a full/top backup that
+        #: updates it), with its successor taking the writes meanwhile.
+        self.sync_bitmap = sync_bitmap
+        self.bitmap_mode = bitmap_mode
         self.filter_node = filter_node
         self.source = source
         self.target = target
@@ -104,6 +121,7 @@ class BackupJob(BlockJob):
                              auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, txn=txn)
         except BaseException:
             self._drop_filter()
+            reclaim_sync_bitmap(sync_bitmap)
             raise
 
     # -- life cycle ----------------------------------------------------------------------
@@ -138,6 +156,32 @@ class BackupJob(BlockJob):
         if self._sleeping_until is not None:
             self.enter()
 
+    def commit(self) -> None:
+        """``backup_commit()``."""
+        self._cleanup_sync_bitmap(0)
+
+    def abort(self) -> None:
+        """``backup_abort()``."""
+        self._cleanup_sync_bitmap(-1)
+
+    def _cleanup_sync_bitmap(self, ret: int) -> None:
+        """``backup_cleanup_sync_bitmap()``: on success (or always) the successor
+        replaces the bitmap, else it is merged back; a failed ``always`` backup
+        also keeps the areas it did not copy dirty.  Runs once."""
+        bitmap, self.sync_bitmap = self.sync_bitmap, None
+        if bitmap is None or bitmap.successor is None:
+            return
+        mode = self.bitmap_mode
+        if (ret == 0 or mode == "always") and mode != "never":
+            bm = dbm.abdicate(bitmap)
+        else:
+            bm = dbm.reclaim(bitmap)
+        if ret < 0 and mode == "always":
+            # bdrv_dirty_bitmap_merge_internal() of the copy bitmap
+            end = -(-self.length // self.bcs.cluster_size) * self.bcs.cluster_size
+            for start, length in _areas(self.bcs.copy_bitmap, end):
+                bm.set(start, length)
+
     def clean(self) -> None:
         """``backup_clean()``: drop the blockers and the filter; graph as before."""
         self.end_prepare_drain()
@@ -149,6 +193,9 @@ class BackupJob(BlockJob):
         super().on_free()
         self.end_prepare_drain()
         self._drop_filter()
+        # a job freed without finalization (never started): as backup_abort()
+        bitmap, self.sync_bitmap = self.sync_bitmap, None
+        reclaim_sync_bitmap(bitmap)
 
     def _drop_filter(self) -> None:
         if self._filter_dropped:
@@ -185,7 +232,8 @@ class BackupJob(BlockJob):
         self._loop()
 
     def _init_bitmap(self) -> None:
-        """``backup_init_bcs_bitmap()``: progress total = the dirty bytes.
+        """``backup_init_bcs_bitmap()``: progress total = the dirty bytes; with
+        ``sync=bitmap`` only the clusters the sync bitmap marks stay dirty.
 
         The filter's copy bitmap starts all dirty (``cbw_open``) and is not set
         again here: unlike QEMU's, blockd's NBD clients are not drained between
@@ -193,7 +241,12 @@ class BackupJob(BlockJob):
         meanwhile must stay clean (its old data is already on the target).
         """
         bcs = self.bcs
-        if self.sync == "top":
+        if self.sync == "bitmap":
+            # QEMU clears the copy bitmap and merges the sync bitmap in; here the
+            # clean areas are reset instead (never set: see above)
+            _reset_clean_clusters(bcs.copy_bitmap, bcs.cluster_size, self.sync_bitmap,
+                                  self.length)
+        elif self.sync == "top":
             bcs.skip_unallocated = True
         self.progress_set_remaining(_dirty_bytes(bcs.copy_bitmap))
 
@@ -246,6 +299,47 @@ class BackupJob(BlockJob):
         return None
 
 
+def _areas(bitmap: Any, end: int) -> Any:
+    """Every dirty run of a copy bitmap in ``[0, end)`` as ``(offset, length)``."""
+    offset = 0
+    while True:
+        area = bitmap.next_dirty_area(offset, end)
+        if not area:
+            return
+        yield area
+        offset = area[0] + area[1]
+
+
+def _reset_clean_clusters(copy_bitmap: Any, cluster: int, sync_bitmap: Any,
+                          length: int) -> None:
+    """Make the copy bitmap what ``bdrv_clear_dirty_bitmap()`` +
+    ``bdrv_dirty_bitmap_merge_internal()`` of ``sync_bitmap`` make it: a cluster
+    stays dirty only if the sync bitmap has a dirty byte inside it.
+
+    Only ``copy_bitmap.reset`` is used, on whole clusters: clusters the
+    filter copied since it was inserted stay clean.
+    """
+    offset = 0
+    while offset < length:
+        dirty = sync_bitmap.next_dirty(offset, length)
+        stop = length if dirty < 0 else dirty // cluster * cluster
+        if stop > offset:
+            copy_bitmap.reset(offset, stop - offset)
+        if dirty < 0:
+            return
+        # skip the dirty run, to the end of its last cluster
+        zero = sync_bitmap.next_zero(dirty, length)
+        if zero < 0:
+            return
+        offset = -(-zero // cluster) * cluster
+
+
+def reclaim_sync_bitmap(bitmap: Optional[dbm.DirtyBitmap]) -> None:
+    """``bdrv_reclaim_dirty_bitmap()`` if ``bitmap`` still has a successor."""
+    if bitmap is not None and bitmap.successor is not None:
+        dbm.reclaim(bitmap)
+
+
 def _check_perf(perf: Dict[str, Any]) -> int:
     """The x-perf checks of ``backup_job_create()``; return max-chunk."""
     workers = perf.get("max-workers", 64)
@@ -261,7 +355,9 @@ def backup_job_create(daemon: Any, job_id: str, source: Any, target: Any, sync: 
                       speed: int, compress: bool, filter_node_name: Optional[str],
                       perf: Dict[str, Any], on_source_error: str, on_target_error: str,
                       auto_finalize: bool, auto_dismiss: bool, txn: Optional[JobTxn],
-                      drain: Optional[DrainedSection] = None) -> BackupJob:
+                      drain: Optional[DrainedSection] = None,
+                      sync_bitmap: Optional[dbm.DirtyBitmap] = None,
+                      bitmap_mode: str = "on-success") -> BackupJob:
     """``backup_job_create()``: every check in QEMU's order, the filter, the job (not started).
 
     On failure nothing is left behind (the filter is dropped again).
@@ -278,17 +374,16 @@ def backup_job_create(daemon: Any, job_id: str, source: Any, target: Any, sync: 
     blockers.check(source, "backup-source")
     blockers.check(target, "backup-target")
     max_chunk = _check_perf(perf)
-    length = source.getlength()
-    if target.getlength() != length:
-        raise QMPError("Source and target image have different sizes")
-    opts: Dict[str, Any] = {"compress": True} if compress else {}
+    if sync_bitmap is not None:
+        # if we need to write to this bitmap, check that we can
+        if bitmap_mode != "never":
+            sync_bitmap.check(dbm.BITMAP_DEFAULT)
+        dbm.create_successor(sync_bitmap)
     try:
-        filter_node = _cbw_api().cbw_append(source, target, filter_node_name, **opts)
-    except QMPError as exc:
-        # bdrv_insert_node()'s error_prepend, unless cbw_append says it already
-        if exc.desc.startswith(CREATE_NODE_PREFIX):
-            raise
-        raise QMPError(CREATE_NODE_PREFIX + exc.desc, exc.error_class) from exc
+        filter_node = _append_filter(source, target, filter_node_name, compress)
+    except BaseException:
+        reclaim_sync_bitmap(sync_bitmap)
+        raise
     try:
         bcs = filter_node.driver.bcs
         cluster = bcs.cluster_size
@@ -305,11 +400,12 @@ def backup_job_create(daemon: Any, job_id: str, source: Any, target: Any, sync: 
                 serialise()
     except BaseException:
         drop_filter(daemon, filter_node)
+        reclaim_sync_bitmap(sync_bitmap)
         raise
-    # drops the filter itself if it fails (bad id, negative speed)
+    # drops the filter and reclaims the bitmap itself if it fails (bad id, negative speed)
     job = BackupJob(daemon, job_id, filter_node, source, target, sync, speed,
                     on_source_error, on_target_error, auto_finalize, auto_dismiss, txn,
-                    max_chunk)
+                    max_chunk, sync_bitmap, bitmap_mode)
     with daemon.lock:
         job.add_node(target, "target")
         set_meter = getattr(bcs, "set_progress_meter", None)
@@ -319,3 +415,18 @@ def backup_job_create(daemon: Any, job_id: str, source: Any, target: Any, sync: 
             drain.adopt(job)
             job.prepare_drain = drain
     return job
+
+
+def _append_filter(source: Any, target: Any, filter_node_name: Optional[str],
+                   compress: bool) -> Any:
+    """The size check and ``bdrv_cbw_append()`` of ``backup_job_create()``."""
+    if target.getlength() != source.getlength():
+        raise QMPError("Source and target image have different sizes")
+    opts: Dict[str, Any] = {"compress": True} if compress else {}
+    try:
+        return _cbw_api().cbw_append(source, target, filter_node_name, **opts)
+    except QMPError as exc:
+        # bdrv_insert_node()'s error_prepend, unless cbw_append says it already
+        if exc.desc.startswith(CREATE_NODE_PREFIX):
+            raise
+        raise QMPError(CREATE_NODE_PREFIX + exc.desc, exc.error_class) from exc

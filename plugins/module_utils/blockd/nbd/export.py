@@ -6,15 +6,16 @@
 An :class:`NBDExport` is what QEMU calls an NBD ``BlockExport``: a name on the
 NBD server bound to a :class:`~blockd.graph.backend.Backend`.  It knows the
 transmission flags it advertises, the metadata contexts clients may select
-(``base:allocation`` always, ``qemu:allocation-depth`` on request, and later
-``qemu:dirty-bitmap:NAME``), and the connections attached to it, so the
+(``base:allocation`` always, ``qemu:allocation-depth`` on request,
+``qemu:dirty-bitmap:NAME`` per exported bitmap: :class:`DirtyBitmapContext`),
+and the connections attached to it, so the
 command layer can count them, drop them (hard removal) and learn when the
 last one is gone.
 
 Metadata contexts are objects with a fixed id (QEMU's numbering: 0 for
 ``base:allocation``, 1 for ``qemu:allocation-depth``, 2 and up for bitmaps)
-and an :meth:`MetaContext.extents` method; a dirty-bitmap context is one
-more subclass handed to :meth:`NBDExport.add_context`.
+and an :meth:`MetaContext.extents` method; the command layer hands each
+dirty-bitmap context to :meth:`NBDExport.add_context`.
 """
 
 from __future__ import annotations
@@ -169,6 +170,37 @@ class AllocationDepthContext(_BlockStatusContext):
         return 0 if depth < 0 else depth + 1
 
 
+class DirtyBitmapContext(MetaContext):
+    """``qemu:dirty-bitmap:NAME``: NBD_STATE_DIRTY over the bitmap's dirty areas
+    (QEMU's ``bitmap_to_extents()``; the exported node's data is not read).
+
+    :param name: the name the context is offered under (the bitmap's).
+    :param context_id: ``META_ID_DIRTY_BITMAP`` + the bitmap's index in the export.
+    :param bitmap: the :class:`~blockd.graph.dirty_bitmap.DirtyBitmap`.
+    """
+
+    def __init__(self, name: str, context_id: int, bitmap: Any) -> None:
+        super().__init__(proto.CONTEXT_DIRTY_BITMAP_PREFIX + name, context_id)
+        self.bitmap = bitmap
+
+    def extents(self, root: Any, offset: int, length: int, limit: int) -> Extents:
+        out = Extents(limit)
+        bitmap = self.bitmap
+        end = offset + length
+        start = offset
+        while True:
+            area = bitmap.next_dirty_area(start, end)
+            if area is None:
+                break
+            dirty_start, dirty_len = area
+            if not (out.add(dirty_start - start, 0)
+                    and out.add(dirty_len, proto.STATE_DIRTY)):
+                return out
+            start = dirty_start + dirty_len
+        out.add(end - start, 0)
+        return out
+
+
 class NBDExport:
     """An NBD export of a backend.
 
@@ -238,13 +270,16 @@ class NBDExport:
             flags |= proto.FLAG_READ_ONLY
         return flags
 
-    def add_context(self, context: MetaContext) -> None:
+    def add_context(self, context: MetaContext, same_name: bool = False) -> None:
         """Offer one more metadata context (a dirty bitmap).
 
         :param context: a context whose id is unique on this export
             (``META_ID_DIRTY_BITMAP + i`` for bitmaps).
+        :param same_name: allow a name already offered (QEMU exports a bitmap
+            listed twice as two contexts of one name; LIST shows both).
         """
-        if any(c.id == context.id or c.name == context.name for c in self.contexts):
+        if any(c.id == context.id or (c.name == context.name and not same_name)
+               for c in self.contexts):
             raise ValueError("duplicate metadata context %r" % context)
         self.contexts.append(context)
         self.contexts.sort(key=lambda c: c.id)
@@ -263,7 +298,7 @@ class NBDExport:
         """
         for ctx in self.contexts:
             if ctx.name == query:
-                return [ctx]
+                return [ctx]    # one bitmap exported twice: the first context only
         if listing and query.endswith(":"):
             return [c for c in self.contexts if c.name.startswith(query)]
         return []
