@@ -365,10 +365,10 @@ def test_full_destination_disk(daemon, engine, tmp_path):
 
 # --- dirty bitmap over NBD (qsd: blockd's server does not offer the context yet) -----------
 
-def test_incremental_from_dirty_bitmap_qsd(daemon, tmp_path):
-    """``dirty_bitmap=NAME`` reads ``qemu:dirty-bitmap:NAME`` from the export (qsd 7.2)."""
+def test_incremental_from_dirty_bitmap(daemon, engine, tmp_path):
+    """``dirty_bitmap=NAME`` reads ``qemu:dirty-bitmap:NAME`` from the export."""
     src = make_source(tmp_path / "src.raw")
-    d, uri = serve(daemon, "qsd", src, writable=True)
+    d, uri = serve(daemon, engine, src, writable=True)
     r = d.qmp.cmd_raw("block-dirty-bitmap-add", {"node": "n", "name": "b0", "granularity": 65536})
     assert r == {"return": {}}, r
     copy(uri, str(tmp_path / "b0.qcow2"), "qcow2")
@@ -376,7 +376,7 @@ def test_incremental_from_dirty_bitmap_qsd(daemon, tmp_path):
         c.pwrite(7 * MiB + 100, b"\x5a" * 70000)
         c.pwrite(30 * MiB, bytes(4096))
         c.flush()
-    # qsd: "Enabled bitmap 'b0' incompatible with readonly export" -- freeze it first
+    # "Enabled bitmap 'b0' incompatible with readonly export" -- freeze it first
     assert d.qmp.cmd_raw("block-dirty-bitmap-disable", {"node": "n", "name": "b0"}) == \
         {"return": {}}
     r = d.qmp.cmd_raw("block-export-add", {"type": "nbd", "id": "snap", "node-name": "n",
