@@ -9,12 +9,12 @@ from .daemon import Daemon, DaemonError, DaemonFactory, engine_command
 from .nbd import nbd_probe, nbd_tcp_uri, nbd_uri, nbdcopy, nbdinfo_json
 from .policy import missing, require_module, require_tool, strict
 from .qmp import QMP, QMPTimeout, RawQMP, del_export
-from .tools import MiB, make_raw_image, qemu_img, qemu_io, run
+from .tools import MiB, make_raw_image, qemu_img, qemu_io, run, tmpfs
 
 __all__ = [
     "Daemon", "DaemonError", "DaemonFactory", "engine_command",
     "nbd_probe", "nbd_tcp_uri", "nbd_uri", "nbdcopy", "nbdinfo_json",
     "missing", "require_module", "require_tool", "strict",
     "QMP", "QMPTimeout", "RawQMP", "del_export",
-    "MiB", "make_raw_image", "qemu_img", "qemu_io", "run",
+    "MiB", "make_raw_image", "qemu_img", "qemu_io", "run", "tmpfs",
 ]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pytest
 
@@ -72,3 +73,21 @@ def qemu_io(target: str | os.PathLike, *commands: str, fmt: str = "raw",
     for c in commands:
         argv += ["-c", c]
     return run([*argv, str(target)], **kw)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of SIZE (mount's syntax: ``5M``) on PATH for a full-disk test.
+
+    The tests run as root (CI does); a failed mount fails the test, it never skips.
+    Unmounted (lazily, so a daemon still holding a file cannot block it) on exit.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.fail(f"cannot mount a {size} tmpfs on {path} for a full-disk test: {res.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)

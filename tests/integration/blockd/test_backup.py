@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import MiB, make_raw_image, qemu_img, qemu_io
+from helpers import MiB, make_raw_image, qemu_img, qemu_io, tmpfs
 
 SIZE = 4 * MiB
 CLUSTER = 64 * 1024
@@ -423,17 +423,9 @@ def test_cancel_of_a_pending_backup(daemon, engine, tmp_path):
 @pytest.fixture
 def small_fs(tmp_path):
     """A 5 MiB tmpfs (we run as root); a 2 MiB filler file leaves room for 3 MiB."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5M", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.fail("cannot mount a tmpfs for the ENOSPC tests: " + res.stderr)
-    try:
+    with tmpfs(tmp_path / "mnt", "5M") as mnt:
         (mnt / "filler").write_bytes(b"\x01" * (2 * MiB))
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def start_on_small_fs(daemon, engine, tmp_path, mnt):

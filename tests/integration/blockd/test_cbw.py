@@ -9,11 +9,10 @@ prove it).
 
 import hashlib
 import os
-import subprocess
 
 import pytest
 
-from helpers import MiB, del_export, make_raw_image, nbdcopy, nbdinfo_json, qemu_img
+from helpers import MiB, del_export, make_raw_image, nbdcopy, nbdinfo_json, qemu_img, tmpfs
 
 CL = 64 * 1024
 SIZE = 4 * MiB
@@ -269,16 +268,8 @@ def test_permissions_and_resize(daemon, engine, tmp_path):
 @pytest.fixture
 def small_fs(tmp_path):
     """A 2 MiB tmpfs (we run as root): a 4 MiB sparse target there fills up after 2 MiB."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.fail("cannot mount a tmpfs for the ENOSPC tests: " + res.stderr)
-    try:
+    with tmpfs(tmp_path / "mnt", "2M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("policy", ["break-guest-write", "break-snapshot"])

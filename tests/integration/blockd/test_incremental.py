@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from blockd.nbd import client as nbdc
-from helpers import MiB, make_raw_image, qemu_img, qemu_io
+from helpers import MiB, make_raw_image, qemu_img, qemu_io, tmpfs
 
 SIZE = 4 * MiB
 K64 = 64 * 1024
@@ -244,16 +244,8 @@ def test_modes_after_success(daemon, engine, tmp_path, mode):
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A 1 MiB tmpfs (we run as root) for a target that runs out of space."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.fail("cannot mount a tmpfs: " + res.stderr)
-    try:
+    with tmpfs(tmp_path / "mnt", "1M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("mode", ["on-success", "never", "always"])

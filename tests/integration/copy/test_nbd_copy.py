@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from helpers import MiB, qemu_img
+from helpers import MiB, qemu_img, tmpfs
 from helpers.daemon import MODULE_UTILS
 
 from blockd.copy import CopyError, copy, verify, verify_against
@@ -346,12 +346,7 @@ def test_no_overwrite_and_usage(daemon, engine, tmp_path):
 def test_full_destination_disk(daemon, engine, tmp_path):
     src = make_source(tmp_path / "src.raw")
     _d, uri = serve(daemon, engine, src)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    try:
+    with tmpfs(tmp_path / "mnt", "8M") as mnt:
         for fmt in ("raw", "qcow2"):
             rc, res = cli("pull", uri, mnt / f"out.{fmt}", "-O", fmt, check=4)
             assert "destination full" in res["message"], res
@@ -359,11 +354,9 @@ def test_full_destination_disk(daemon, engine, tmp_path):
             assert not (mnt / f"out.{fmt}.manifest.json").exists()
             for p in mnt.iterdir():
                 p.unlink()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
-# --- dirty bitmap over NBD (qsd: blockd's server does not offer the context yet) -----------
+# --- dirty bitmap over NBD ------------------------------------------------------------------
 
 def test_incremental_from_dirty_bitmap(daemon, engine, tmp_path):
     """``dirty_bitmap=NAME`` reads ``qemu:dirty-bitmap:NAME`` from the export."""

@@ -38,6 +38,24 @@ def _graph() -> Any:
     return Graph(drivers.lookup)
 
 
+def _pieces(buf: Any, piece: int = 65536):
+    """Split ``buf`` into maximal runs of all-zero and of data ``piece``-sized pieces.
+
+    :return: an iterator of ``(start, end, zero)``.
+    """
+    mv = memoryview(buf)
+    n = len(mv)
+    start, kind = 0, None
+    for i in range(0, n, piece):
+        zero = _is_zero(mv[i:i + piece])
+        if kind is not None and zero != kind:
+            yield start, i, kind
+            start = i
+        kind = zero
+    if kind is not None:
+        yield start, n, kind
+
+
 class RawOutput:
     """A sparse raw file of the export size; all-zero 64 KiB pieces are not written."""
 
@@ -55,19 +73,10 @@ class RawOutput:
     def write(self, offset: int, buf: Any) -> None:
         """Write ``buf`` at ``offset`` skipping all-zero 64 KiB pieces (holes stay holes)."""
         mv = memoryview(buf)
-        n = len(mv)
         try:
-            start = None
-            for i in range(0, n, 65536):
-                piece = mv[i:i + 65536]
-                zero = _is_zero(piece)
-                if zero and start is not None:
-                    os.pwrite(self.fd, mv[start:i], offset + start)
-                    start = None
-                elif not zero and start is None:
-                    start = i
-            if start is not None:
-                os.pwrite(self.fd, mv[start:], offset + start)
+            for start, end, zero in _pieces(mv):
+                if not zero:
+                    os.pwrite(self.fd, mv[start:end], offset + start)
         except OSError as exc:
             raise _dest_error(exc, self.path) from None
 
@@ -127,21 +136,12 @@ class Qcow2Output:
     def write(self, offset: int, buf: Any) -> None:
         """Write data; all-zero 64 KiB pieces become holes (or zero clusters in an overlay)."""
         mv = memoryview(buf)
-        n = len(mv)
         try:
-            start = None
-            for i in range(0, n, 65536):
-                piece = mv[i:i + 65536]
-                zero = _is_zero(piece)
-                if zero and start is not None:
-                    self.node.pwrite(offset + start, mv[start:i])
-                    start = None
-                elif not zero and start is None:
-                    start = i
-                if zero and self.overlay:
-                    self.node.pwrite_zeroes(offset + i, len(piece))
-            if start is not None:
-                self.node.pwrite(offset + start, mv[start:])
+            for start, end, zero in _pieces(mv):
+                if not zero:
+                    self.node.pwrite(offset + start, mv[start:end])
+                elif self.overlay:
+                    self.node.pwrite_zeroes(offset + start, end - start)
         except OSError as exc:
             raise _dest_error(exc, self.path) from None
 
