@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: blockdev.fleecing contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""``python3 -m blockd.copy pull URI DEST [...]`` / ``verify DEST [...]``.
+"""``python3 -m blockd.copy pull URI DEST [...]`` / ``verify DEST [...]`` /
+``restore BACKUP DEST [...]``.
 
 Prints one line of JSON (the result, or ``{"status": "error", ...}``) and
 exits 0 on success, else the code of :data:`~blockd.copy.errors.EXIT_CODES`.
@@ -16,6 +17,7 @@ from typing import List, NoReturn, Optional, Tuple
 from ..nbd.client import tls_context
 from .engine import copy, dumps
 from .errors import CopyError
+from .restore import restore, restore_to_nbd
 from .verify import verify, verify_against
 
 
@@ -61,12 +63,24 @@ def parser() -> argparse.ArgumentParser:
     ver.add_argument("dest")
     ver.add_argument("--manifest")
     ver.add_argument("--against", metavar="URI", help="also compare with a live export")
+    res = sub.add_parser("restore", help="restore a backup (chain) to an image or an NBD export")
+    res.add_argument("backup")
+    res.add_argument("dest", nargs="?", help="the image to create (not with --to-nbd)")
+    res.add_argument("--format", "-O", default="raw", choices=("raw", "qcow2"))
+    res.add_argument("--to-nbd", metavar="URI", help="write into this writable NBD export")
+    res.add_argument("--manifest")
+    res.add_argument("--no-verify", action="store_true")
+    res.add_argument("--overwrite", action="store_true")
+    res.add_argument("--tls-cert-dir", help="x509 directory (ca-cert.pem, client-cert.pem...)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; returns the exit code."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.cmd == "restore" and (args.dest is None) == (args.to_nbd is None):
+        p.error("restore needs exactly one of DEST and --to-nbd URI")
     try:
         if args.cmd == "pull":
             kw = {}
@@ -77,6 +91,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                        inflight=args.inflight, progress_file=args.progress_file,
                        manifest=args.manifest, resume=not args.no_resume,
                        overwrite=args.overwrite, commit_bytes=args.commit_mib << 20, **kw)
+        elif args.cmd == "restore":
+            kw = {}
+            if args.tls_cert_dir:
+                kw["tls"] = tls_context(certificates_dir=args.tls_cert_dir)
+            if args.to_nbd:
+                res = restore_to_nbd(args.backup, args.to_nbd, manifest=args.manifest,
+                                     verify=not args.no_verify, **kw)
+            else:
+                res = restore(args.backup, args.dest, args.format, manifest=args.manifest,
+                              verify=not args.no_verify, overwrite=args.overwrite)
         elif args.against:
             res = verify_against(args.against, args.dest, args.manifest)
         else:
