@@ -57,20 +57,25 @@ def test_bench_runs_and_writes_json(tmp_path):
     assert "seq read" in proc.stdout and "seq write" in proc.stdout
 
 
-def test_qcow2_bench_runs_and_writes_json(tmp_path):
-    out = tmp_path / "qcow2.json"
-    # a short work directory: the sockets' paths must fit in sun_path
-    work = tempfile.mkdtemp(prefix="qb-")
+def run_bench(script, tmp_path, *args):
+    """Run bench/SCRIPT on both engines (small, one run) in a short work directory
+    (the sockets' paths must fit in sun_path); return the process and its JSON."""
+    out = tmp_path / "bench.json"
+    work = tempfile.mkdtemp(prefix="bench-")
     try:
-        proc = subprocess.run([sys.executable, str(REPO / "bench" / "qcow2_throughput.py"),
-                               "--engines", "qsd,blockd", "--size-mib", "8", "--runs", "1",
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / script),
+                               "--engines", "qsd,blockd", "--runs", "1", *args,
                                "--dir", work, "--json", str(out)],
                               capture_output=True, text=True, timeout=120,
                               stdin=subprocess.DEVNULL, check=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_qcow2_bench_runs_and_writes_json(tmp_path):
+    proc, result = run_bench("qcow2_throughput.py", tmp_path, "--size-mib", "8")
     for engine in ("qsd", "blockd"):
         eng = result["engines"][engine]
         assert "errors" not in eng, eng
@@ -83,18 +88,8 @@ def test_qcow2_bench_runs_and_writes_json(tmp_path):
 
 @pytest.mark.parametrize("mode", ["backup", "cbw"])
 def test_fleecing_bench_runs_and_writes_json(tmp_path, mode):
-    out = tmp_path / "fleece.json"
-    work = tempfile.mkdtemp(prefix="fb-")
-    try:
-        proc = subprocess.run([sys.executable, str(REPO / "bench" / "fleecing_throughput.py"),
-                               "--engines", "qsd,blockd", "--size-mib", "8", "--runs", "1",
-                               "--mode", mode, "--dir", work, "--json", str(out)],
-                              capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL, check=False)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
+    proc, result = run_bench("fleecing_throughput.py", tmp_path, "--size-mib", "8",
+                             "--mode", mode)
     for engine in ("qsd", "blockd"):
         r = result["engines"][engine]
         assert "error" not in r, r

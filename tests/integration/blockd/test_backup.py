@@ -85,6 +85,17 @@ def start_two(daemon, engine, tmp_path, nbd=False, target_size=SIZE):
     return d, src, tgt
 
 
+def start_three(daemon, engine, tmp_path):
+    """src (a pattern) and two empty targets, tgt and tgt2."""
+    src, tgt, tgt2 = files(tmp_path, "src.img", "tgt.img", "tgt2.img")
+    pattern_image(src)
+    make_raw_image(tgt, SIZE)
+    make_raw_image(tgt2, SIZE)
+    return daemon(engine, "--blockdev", f"driver=file,node-name=src,filename={src}",
+                  "--blockdev", f"driver=file,node-name=tgt,filename={tgt}",
+                  "--blockdev", f"driver=file,node-name=tgt2,filename={tgt2}")
+
+
 def backup(q, **args):
     args.setdefault("job-id", "j")
     args.setdefault("device", "src")
@@ -347,13 +358,7 @@ def test_backup_errors(daemon, engine, tmp_path, args, error):
 
 
 def test_nodes_of_a_running_backup_are_blocked(daemon, engine, tmp_path):
-    src, tgt, tgt2 = files(tmp_path, "src.img", "tgt.img", "tgt2.img")
-    pattern_image(src)
-    make_raw_image(tgt, SIZE)
-    make_raw_image(tgt2, SIZE)
-    d = daemon(engine, "--blockdev", f"driver=file,node-name=src,filename={src}",
-               "--blockdev", f"driver=file,node-name=tgt,filename={tgt}",
-               "--blockdev", f"driver=file,node-name=tgt2,filename={tgt2}")
+    d = start_three(daemon, engine, tmp_path)
     q = d.qmp
     backup(q, sync="none", **{"filter-node-name": "flt"})
     assert job_events(q, "j", until="running") == ["created", "running"]
@@ -386,13 +391,7 @@ def test_nodes_of_a_running_backup_are_blocked(daemon, engine, tmp_path):
 
 
 def test_second_backup_of_the_same_source(daemon, engine, tmp_path):
-    src, tgt, tgt2 = files(tmp_path, "src.img", "tgt.img", "tgt2.img")
-    pattern_image(src)
-    make_raw_image(tgt, SIZE)
-    make_raw_image(tgt2, SIZE)
-    d = daemon(engine, "--blockdev", f"driver=file,node-name=src,filename={src}",
-               "--blockdev", f"driver=file,node-name=tgt,filename={tgt}",
-               "--blockdev", f"driver=file,node-name=tgt2,filename={tgt2}")
+    d = start_three(daemon, engine, tmp_path)
     q = d.qmp
     before = node_names(q)
     backup(q, sync="none")
@@ -401,7 +400,7 @@ def test_second_backup_of_the_same_source(daemon, engine, tmp_path):
     backup(q, sync="full", target="tgt2", **{"job-id": "k"})
     assert job_events(q, "k") == START + ["waiting", "pending", completed("k"), "concluded",
                                           "null"]
-    assert compare(src, tgt2).returncode == 0
+    assert compare(tmp_path / "src.img", tmp_path / "tgt2.img").returncode == 0
     q.cmd("block-job-cancel", device="j")
     assert job_events(q, "j")[-4:] == ["aborting", cancelled(), "concluded", "null"]
     assert node_names(q) == before
