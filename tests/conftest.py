@@ -9,6 +9,9 @@ Fixtures (see docs/testing.md):
   graph   an in-process blockd Graph (real drivers, real files), closed at teardown.
   libnbd  the python3-libnbd module (`import nbd`), or fail/skip per helpers.policy.
 
+A test whose qemu-storage-daemon (the reference peer, not the code under test) was killed by a
+signal is run once more, with a warning naming the crash; blockd crashes are never retried.
+
 Missing tools never skip silently: in CI (CI=true) they fail (helpers/policy.py).
 """
 
@@ -17,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _pytest.runner import runtestprotocol
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -89,3 +93,29 @@ def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
             report.sections.append((f"{d.kind} pid {d.pid} stderr ({d.stderr_path})",
                                     d.stderr() or "(empty)"))
     return report
+
+
+def _peer_crash(item) -> str:
+    """Describe a qsd that a signal killed during ITEM's last run ("" if none)."""
+    for d in item.stash.get(_DAEMONS, []):
+        rc = d.unexpected_rc
+        if d.kind == "qsd" and rc is not None and rc < 0:
+            return f"qsd pid {d.pid} was killed by signal {-rc}"
+    return ""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Run ITEM; once more if it failed because the reference qsd crashed (a QEMU bug)."""
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    crash = _peer_crash(item) if any(r.failed for r in reports) else ""
+    if crash:
+        item.stash[_DAEMONS] = []
+        item._initrequest()  # pylint: disable=protected-access  # fresh fixtures, as pytest-rerunfailures does
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        item.warn(pytest.PytestWarning(f"{crash}; the test was run again"))
+    for report in reports:
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True

@@ -187,6 +187,7 @@ class Daemon:
         self.dir = cwd
         self.check_alive = check_alive
         self.exit_expected = False
+        self.unexpected_rc: Optional[int] = None   # set by finish() if it died on its own
         self.stdout_path = cwd / "stdout.log"
         self.stderr_path = cwd / "stderr.log"
         qmp, nbd = find_sockets(argv)
@@ -392,7 +393,9 @@ class Daemon:
     def finish(self) -> Optional[str]:
         """Teardown: returns an error text if the daemon died unexpectedly, then kills it."""
         problem = None
-        if self.check_alive and not self.exit_expected and not self.alive():
+        if not self.exit_expected and not self.alive():
+            self.unexpected_rc = self.returncode
+        if self.check_alive and self.unexpected_rc is not None:
             problem = (f"{self.kind} died during the test (check_alive=True)\n"
                        f"{self.describe()}")
         self.close_qmp_quietly()
