@@ -190,6 +190,8 @@ class Job:
             self.txn: Optional[JobTxn] = None
             self._set_up = False
             self._kick = False
+            #: a pause was asked for and the job has not reached a pause point since.
+            self._unseen_pause = False
             self._sleeping_until: Optional[float] = None
             self._thread: Optional[threading.Thread] = None
             self._progress_lock = threading.Lock()
@@ -454,11 +456,23 @@ class Job:
 
     def _pause_point_locked(self) -> None:
         """``job_pause_point_locked()``."""
-        if not self.should_pause or self.is_cancelled:
+        if self.is_cancelled:
+            return
+        if not self.should_pause:
+            if self._unseen_pause:
+                # A drain paused and resumed the job before its thread got here (e.g. the
+                # drainer held the I/O gate and could not wait). In QEMU the job coroutine
+                # runs to its pause point inside the drain, so every drain shows as a
+                # paused/running pair; show it now.
+                self._unseen_pause = False
+                status = self.status
+                self.transition("standby" if status == "ready" else "paused")
+                self.transition(status)
             return
         self.on_pause()
         if self.should_pause and not self.is_cancelled:
             status = self.status
+            self._unseen_pause = False
             self.transition("standby" if status == "ready" else "paused")
             self.paused = True
             self._do_yield(None)
@@ -488,6 +502,7 @@ class Job:
         with self.lock:
             self.pause_count += 1
             if not self.paused:
+                self._unseen_pause = self.started and not self.deferred
                 self.enter()
 
     def resume(self) -> None:
