@@ -26,3 +26,10 @@ def engine_with_monitor(daemon, engine):
                    "--monitor", "chardev=qmp1", nbd=nbd)
         return d, str(d.dir / "modules.sock")
     return start
+
+
+def pytest_collection_modifyitems(items):
+    """Each ansible-playbook run costs seconds of CPU: module tests get 10 minutes, not 2."""
+    for item in items:
+        if "integration/modules/" in str(item.fspath) and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(600))

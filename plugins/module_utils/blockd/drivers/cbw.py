@@ -235,10 +235,11 @@ class CopyBeforeWriteDriver(Driver):
 
     def child_perm_role(self, role: str) -> str:
         """``cbw_child_perm()``: ``file`` unshares write and resize once the
-        filter has users; ``target`` is a data child."""
+        filter has users (a backup job's own BlockBackend on it counts, as in
+        QEMU: new writers must come through the filter); ``target`` is a data child."""
         if role == "file":
             node = self.node
-            return "storage" if (node.parents or node.backends) else "filtered"
+            return "storage" if (node.parents or node.backends or node.users) else "filtered"
         return "data"
 
     def filename(self) -> str:
@@ -346,4 +347,3 @@ def cbw_drop(filter_node: Any) -> None:
         if source is not None:
             _move_users(filter_node, source, set())
         graph._free(filter_node)  # pylint: disable=protected-access
-
