@@ -60,7 +60,8 @@ blockd %(version)s, a block engine compatible with qemu-storage-daemon %(qemu)s
 
   --object help          list object types that can be added
   --object <type>,id=<id>[,<props>]
-                         create a new object (secret, throttle-group, iothread)
+                         create a new object (secret, throttle-group, iothread,
+                         tls-creds-x509, authz-simple)
 
   --pidfile <path>       write process ID to a file after startup
   --daemonize            daemonize the process, and have the parent exit
@@ -73,7 +74,7 @@ _WITH_ARG = {"--blockdev": "driver", "--chardev": "backend", "--export": "type",
              "--pidfile": None, "-T": "enable", "--trace": "enable"}
 
 #: Object types blockd creates (``--object help``); see blockd.objects.
-OBJECT_TYPES = ("iothread", "secret", "throttle-group")
+OBJECT_TYPES = ("authz-simple", "iothread", "secret", "throttle-group", "tls-creds-x509")
 
 
 class StartupError(Exception):
@@ -175,7 +176,8 @@ class Startup:
         except ValueError:
             raise StartupError("Parameter 'max-connections' expects uint32") from None
         with self.daemon.lock:
-            start_server(self.daemon, addr, max_conn, opts.get("tls-creds"))
+            start_server(self.daemon, addr, max_conn, opts.get("tls-creds"),
+                         opts.get("tls-authz"))
 
     def chardev(self, text: str) -> None:
         opts = keyval.parse(text, "backend")

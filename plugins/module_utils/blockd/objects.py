@@ -16,9 +16,12 @@ children, in GLib hash-table order, which :class:`GHashSet` replays), then
 its class's, then the parent classes' (``type`` last, so it comes first).
 
 Object types: ``throttle-group`` (a real :class:`ThrottleGroup` used by
-``throttle`` nodes), ``secret`` and ``iothread`` (their properties are kept;
-blockd has no use for them yet).  Every other type qsd 7.2 knows is refused
-with QEMU's "invalid object type" text.
+``throttle`` nodes), ``tls-creds-x509`` (an :class:`ssl.SSLContext` loaded
+from its ``dir``, used by ``nbd-server-start tls-creds=``), ``authz-simple``
+(the one client identity ``tls-authz`` lets in), ``secret`` (also a
+``tls-creds-x509``'s key password) and ``iothread`` (its properties are kept;
+blockd has no use for it).  Every other type qsd 7.2 knows is refused with
+QEMU's "invalid object type" text.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .qmp.qjson import qdict_order
 from .qmp.visitor import GHashSet, QapiVisitor, VisitError
 
 #: Types blockd creates (the others qsd has are refused).
-OBJECT_TYPES = ("iothread", "secret", "throttle-group")
+OBJECT_TYPES = ("authz-simple", "iothread", "secret", "throttle-group", "tls-creds-x509")
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
@@ -247,6 +250,80 @@ class SecretObject(QOMObject):
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 
 
+class TLSCredsX509Object(QOMObject):
+    """``tls-creds-x509`` (crypto/tlscredsx509.c): the credentials are loaded
+    into :attr:`context` when the object is completed.
+
+    :param tree: the object tree (``passwordid`` names a ``secret`` in it).
+    """
+
+    type_name = "tls-creds-x509"
+    class_props = (("endpoint", "QCryptoTLSCredsEndpoint"), ("dir", "string"),
+                   ("verify-peer", "bool"), ("priority", "string"), ("sanity-check", "bool"),
+                   ("passwordid", "string"), ("loaded", "bool"))
+    read_only_props = ("loaded",)
+    _TYPES = {"QCryptoTLSCredsEndpoint": "QCryptoTLSCredsEndpoint", "bool": "boolean"}
+
+    def __init__(self, tree: "ObjectTree") -> None:
+        super().__init__()
+        self.tree = tree
+        self.values: Dict[str, Any] = {"endpoint": "client", "dir": "", "verify-peer": True,
+                                       "priority": "", "sanity-check": True, "passwordid": ""}
+        #: The loaded context (None until completed).
+        self.context: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        """``"server"`` or ``"client"``."""
+        return str(self.values["endpoint"])
+
+    def get_prop(self, name: str) -> Any:
+        if name == "loaded":
+            return self.context is not None
+        return self.values[name]
+
+    def set_prop(self, name: str, value: Any, visitor: "Callable[..., Any]") -> None:
+        self.values[name] = visitor(self._TYPES.get(dict(self.class_props)[name], "str"),
+                                    name, value)
+
+    def complete(self) -> None:
+        """qcrypto_tls_creds_x509_complete() -> qcrypto_tls_creds_x509_load()."""
+        from .nbd.tls import load_x509
+        password = None
+        if self.values["passwordid"]:
+            password = self.tree.secret_text(self.values["passwordid"])
+        self.context = load_x509(self.values["dir"], self.endpoint,
+                                 bool(self.values["verify-peer"]),
+                                 bool(self.values["sanity-check"]), password)
+
+
+class AuthzSimpleObject(QOMObject):
+    """``authz-simple`` (authz/simple.c): allows exactly one identity (for
+    TLS, a client certificate's distinguished name, e.g. ``CN=client``)."""
+
+    type_name = "authz-simple"
+    class_props = (("identity", "string"),)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.identity: Optional[str] = None
+
+    def get_prop(self, name: str) -> Any:
+        return self.identity or ""
+
+    def set_prop(self, name: str, value: Any, visitor: "Callable[..., Any]") -> None:
+        self.identity = visitor("str", name, value)
+
+    def complete(self) -> None:
+        """qauthz_simple_complete()."""
+        if self.identity is None:
+            raise QMPError("The 'identity' property must be set")
+
+    def is_allowed(self, identity: str) -> bool:
+        """qauthz_simple_is_allowed()."""
+        return identity == self.identity
+
+
 class IOThreadObject(QOMObject):
     """``iothread``: its tunables are kept; blockd's I/O runs in NBD threads."""
 
@@ -373,6 +450,8 @@ _FACTORIES: Dict[str, Callable[["ObjectTree"], QOMObject]] = {
     "throttle-group": lambda tree: ThrottleGroupObject(tree.clock),
     "secret": lambda tree: SecretObject(),
     "iothread": lambda tree: IOThreadObject(),
+    "tls-creds-x509": TLSCredsX509Object,
+    "authz-simple": lambda tree: AuthzSimpleObject(),
 }
 
 
@@ -463,6 +542,68 @@ class ObjectTree:
             raise QMPError("object '%s' is in use, can not be deleted" % oid)
         objects.del_child(oid)
         obj.finalize()
+
+    # -- lookups for other subsystems ----------------------------------------
+
+    def user_object(self, oid: str) -> Optional[QOMObject]:
+        """object_resolve_path_component(object_get_objects_root(), id)."""
+        objects = self.root.child("objects")
+        return objects.child(oid) if isinstance(objects, Container) else None
+
+    def tls_creds(self, oid: str, endpoint: str) -> TLSCredsX509Object:
+        """nbd_get_tls_creds() / qcrypto_tls_creds_check_endpoint().
+
+        :raises QMPError: ``No TLS credentials with id 'x'``, ``Object with id
+            'x' is not TLS credentials``, ``Expected TLS credentials for a
+            server endpoint``.
+        """
+        obj = self.user_object(oid)
+        if obj is None:
+            raise QMPError("No TLS credentials with id '%s'" % oid)
+        if not isinstance(obj, TLSCredsX509Object):
+            raise QMPError("Object with id '%s' is not TLS credentials" % oid)
+        if obj.endpoint != endpoint:
+            raise QMPError("Expected TLS credentials for a %s endpoint" % endpoint)
+        return obj
+
+    def authorizer(self, oid: str) -> Callable[[str], Optional[str]]:
+        """A ``tls-authz`` check resolved per client, as QEMU does
+        (qauthz_is_allowed_by_id(): the object may come or go later).
+
+        :return: ``check(identity)``: None if allowed, else why not.
+        """
+        def check(identity: str) -> Optional[str]:
+            obj = self.user_object(oid)
+            if obj is None:
+                return "Cannot find QAuthZ object ID %s" % oid
+            if not isinstance(obj, AuthzSimpleObject):
+                return "Object '%s' is not a QAuthZ subclass" % oid
+            if not obj.is_allowed(identity):
+                return "TLS x509 authz check for %s is denied" % identity
+            return None
+        return check
+
+    def secret_text(self, oid: str) -> str:
+        """qcrypto_secret_lookup_as_utf8(): a ``secret``'s data as text.
+
+        :raises QMPError: no such secret, or its data cannot be read.
+        """
+        obj = self.user_object(oid)
+        if not isinstance(obj, SecretObject):
+            raise QMPError("No secret with id '%s'" % oid)
+        data, path = obj.values["data"], obj.values["file"]
+        if path:
+            try:
+                with open(path, "rb") as handle:
+                    raw = handle.read()
+            except OSError as exc:
+                raise QMPError("Unable to read %s: %s" % (path, exc.strerror)) from None
+        else:
+            raw = data.encode("utf-8")
+        if obj.values["format"] == "base64":
+            import base64
+            raw = base64.b64decode(raw)
+        return raw.decode("utf-8", "replace")
 
     # -- paths --------------------------------------------------------------
 

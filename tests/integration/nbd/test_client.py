@@ -4,8 +4,8 @@ Every ``engine`` test runs against qemu-storage-daemon 7.2 and blockd serving
 the exports of ``conftest.py`` (``x``: 16 MiB raw with a hole at 4 MiB,
 writable; ``ro``; ``null``; ``depth`` with allocation-depth); extents are
 checked against what libnbd's ``nbdinfo --map`` says for the same export.
-TLS is tested on qsd only (blockd has no TLS server yet), with a CA and
-certificates made by the ``openssl`` CLI.
+TLS is tested here on qsd (blockd's TLS server: ``test_tls_server.py``), with a
+CA and certificates made by the ``openssl`` CLI (``helpers/pki.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 from blockd.nbd import client as nbdc
 from blockd.nbd import proto
 from helpers import MiB, nbdinfo_json, qemu_img, qemu_io, require_tool, run
+from helpers.pki import pki  # noqa: F401  (a pytest fixture)
 
 from .conftest import HOLE, SIZE, expected_content
 
@@ -293,37 +294,6 @@ def test_dirty_bitmap_context_qsd(daemon, tmp_path):
 
 
 # -- TLS (qsd) -----------------------------------------------------------------------------
-
-def _openssl(*args, cwd):
-    run([require_tool("openssl", "openssl"), *args], cwd=cwd)
-
-
-def _make_ca(d, name):
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
-             "-out", f"{name}-cert.pem", "-days", "2", "-subj", f"/CN={name}", cwd=d)
-
-
-def _sign(d, ca, name, ext):
-    (d / f"{name}.ext").write_text(ext)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
-             "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem", "-CAkey",
-             f"{ca}-key.pem", "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2",
-             "-extfile", f"{name}.ext", cwd=d)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """ca-cert.pem, server-cert/key.pem, client-cert/key.pem (qsd/libnbd layout) + a rogue CA."""
-    d = tmp_path_factory.mktemp("pki")
-    _make_ca(d, "ca")
-    _make_ca(d, "rogue")
-    _sign(d, "ca", "server", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-          "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n")
-    _sign(d, "ca", "client", "extendedKeyUsage=clientAuth\n"
-          "keyUsage=digitalSignature,keyEncipherment\n")
-    return d
-
 
 def _tls_qsd(daemon, pki, image, verify_peer):
     return daemon(

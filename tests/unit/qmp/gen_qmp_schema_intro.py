@@ -119,7 +119,9 @@ CASE_NAMES = {
         "drive-backup": "DriveBackupWrapper",
     },
     "ObjectOptions": {"throttle-group": "ThrottleGroupProperties",
-                      "secret": "SecretProperties", "iothread": "IothreadProperties"},
+                      "secret": "SecretProperties", "iothread": "IothreadProperties",
+                      "tls-creds-x509": "TlsCredsX509Properties",
+                      "authz-simple": "AuthZSimpleProperties"},
 }
 WRAPPED = {"AbortWrapper": "Abort", "BlockDirtyBitmapAddWrapper": "BlockDirtyBitmapAdd",
            "BlockDirtyBitmapWrapper": "BlockDirtyBitmap",
@@ -131,6 +133,7 @@ WRAPPED = {"AbortWrapper": "Abort", "BlockDirtyBitmapAddWrapper": "BlockDirtyBit
 MORE_NAMES = {
     "ThrottleGroupProperties.limits": "ThrottleLimits",
     "SecretProperties.format": "QCryptoSecretFormat",
+    "TlsCredsX509Properties.endpoint": "QCryptoTLSCredsEndpoint",
     "DriveBackup.sync": "MirrorSyncMode", "DriveBackup.mode": "NewImageMode",
     "DriveBackup.format": "BlockdevDriver",
     "BlockDirtyBitmapMerge.bitmaps": "BlockDirtyBitmapOrStr",

@@ -59,14 +59,30 @@ def flat_address(legacy: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def start_server(daemon: Any, addr: Dict[str, Any], max_connections: int = 100,
-                 tls_creds: Optional[str] = None) -> None:
-    """Start the NBD server on a flat SocketAddress (shared by QMP and --nbd-server)."""
+                 tls_creds: Optional[str] = None, tls_authz: Optional[str] = None) -> None:
+    """Start the NBD server on a flat SocketAddress (shared by QMP and --nbd-server).
+
+    As QEMU's nbd_server_start(): listen first, then look the TLS
+    credentials up (a server endpoint ``tls-creds-x509``); ``tls-authz`` is
+    only a name here, resolved for each client after its TLS handshake.
+    The server holds on to the credentials: deleting the object later
+    (allowed, as in qsd) does not change the running server.
+    """
     from ..nbd import NBDServer
+    from ..objects import tree
     if daemon.nbd_server is not None:
         raise QMPError("NBD server already running")
-    if tls_creds is not None:
-        raise QMPError("TLS is not supported by blockd yet")
     server = NBDServer(addr, max_connections=max_connections)
+    server.bind()
+    if tls_creds is not None:
+        try:
+            objs = tree(daemon)
+            server.tls = objs.tls_creds(tls_creds, "server").context
+            if tls_authz is not None:
+                server.authorize = objs.authorizer(tls_authz)
+        except BaseException:
+            server.stop()
+            raise
     server.start()
     daemon.nbd_server = server
 
@@ -208,7 +224,7 @@ def _remove(daemon: Any, export_id: str, mode: str) -> Dict[str, Any]:
 def nbd_server_start(daemon: Any, args: Dict[str, Any]) -> Dict[str, Any]:
     """Start the NBD server (legacy wrapped address form)."""
     start_server(daemon, flat_address(args["addr"]), args.get("max-connections", 100),
-                 args.get("tls-creds"))
+                 args.get("tls-creds"), args.get("tls-authz"))
     return {}
 
 

@@ -33,6 +33,11 @@ Data path rules (see :mod:`blockd.graph.backend`):
   with ``zero_copy=False`` therefore copies READ data into the connection's
   buffer inside the gate and sends it after leaving the gate.
 
+Over TLS (after ``NBD_OPT_STARTTLS``, see :meth:`NBDConnection.start_tls`)
+the socket is a :class:`.tls.TLSStream` and nothing is zero-copy: file
+segments are ``pread`` and encrypted, with the same stall policy for sends
+that make no progress.  The plain path does not test for TLS at all.
+
 Errors follow the NBD specification where QEMU departs from it: EPERM for
 writes on a read-only export, ENOSPC for writes past the end, EINVAL for a
 FLUSH with a nonzero offset or length.  Messages match QEMU's where QEMU
@@ -147,6 +152,8 @@ class NBDConnection:
         #: taken from the export when negotiation ends.
         self.zero_copy = True
         self._gate: Any = None
+        #: Whether the connection runs over TLS (see :meth:`start_tls`).
+        self.tls = False
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -335,6 +342,42 @@ class NBDConnection:
             n = min(count, len(_ZEROES))
             self.send(_ZERO_VIEW[:n], in_gate)
             count -= n
+
+    # -- TLS ------------------------------------------------------------------------------
+
+    def start_tls(self, stream: Any) -> None:
+        """Carry on over ``stream`` (a :class:`.tls.TLSStream` after STARTTLS).
+
+        The plain path is left untouched: instead of testing a flag on every
+        send, the send methods of this connection are replaced by copying
+        versions (``sendfile`` cannot encrypt: file data is ``pread`` and
+        sent through the TLS object).
+        """
+        self.sock = stream
+        self._more = 0
+        self.tls = True
+        self.send = self._tls_send  # type: ignore[method-assign]
+        self.send_parts = self._tls_send_parts  # type: ignore[method-assign]
+        self.sendfile = self._tls_sendfile  # type: ignore[method-assign]
+
+    def _tls_send(self, data: Any, in_gate: bool = False, flags: int = 0) -> None:
+        self._tls_send_parts(b"", data, in_gate)
+
+    def _tls_send_parts(self, head: bytes, data: Any, in_gate: bool = False) -> None:
+        stall = self._stall_in_gate if in_gate else self._stall_outside
+        try:
+            self.sock.sendall_parts((head, data) if head else (data,), stall)
+        except OSError as exc:
+            raise Disconnect("") from exc
+
+    def _stall_in_gate(self, since: float) -> None:
+        self._stalled(since, True)
+
+    def _stall_outside(self, since: float) -> None:
+        self._stalled(since, False)
+
+    def _tls_sendfile(self, fd: int, offset: int, count: int) -> None:
+        self._pread_send(fd, offset, count, 0)
 
     def write_buffer(self, length: int) -> memoryview:
         """A reusable receive buffer of at least ``length`` bytes (lazily mapped)."""

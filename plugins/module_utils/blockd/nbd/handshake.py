@@ -16,20 +16,33 @@ the connection, or a limit is hit:
 Option parsing reads the payload incrementally, like QEMU's
 ``nbd_opt_read``: a length that does not add up is answered with
 NBD_REP_ERR_INVALID after the rest of the option is skipped, and the
-negotiation goes on.  Error replies carry QEMU's messages.  TLS is not
-implemented: STARTTLS gets NBD_REP_ERR_POLICY "TLS not configured".
+negotiation goes on.  Error replies carry QEMU's messages.
+
+TLS (the owner's ``tls`` is an :class:`ssl.SSLContext`), as QEMU's
+``nbd_negotiate_options``: before STARTTLS every option but STARTTLS is
+answered NBD_REP_ERR_TLS_REQD (ABORT too, and the connection ends),
+NBD_OPT_EXPORT_NAME drops the connection; STARTTLS is acknowledged, the
+TLS handshake runs (within the same handshake deadline), the owner's
+``authorize(dn)`` judges a verified client certificate's name (QEMU's
+``tls-authz``), and negotiation continues over TLS where a second STARTTLS
+gets "TLS already enabled".  Without TLS, STARTTLS gets NBD_REP_ERR_POLICY
+"TLS not configured".  A STARTTLS carrying data is answered NBD_REP_ERR_INVALID;
+before TLS that also drops the connection (as qsd does).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from typing import Any, List, Optional
 
 from . import proto
 from .connection import Disconnect, NBDConnection
-from .proto import (OPTION, OPTION_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_UNKNOWN,
-                    REP_ERR_UNSUP, REP_INFO, REP_MAGIC, REP_META_CONTEXT, REP_SERVER, U16, U32)
+from .proto import (OPTION, OPTION_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY,
+                    REP_ERR_TLS_REQD, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_MAGIC,
+                    REP_META_CONTEXT, REP_SERVER, U16, U32)
+from .tls import TLSStream, peer_dn
 
 #: Options one connection may send before it is dropped.
 MAX_OPTIONS = 4096
@@ -69,6 +82,8 @@ class _Negotiation:
         self.optlen = 0
         self.meta_export: Any = None
         self.meta: List[Any] = []
+        #: The server's TLS context; None once TLS runs (or if not configured).
+        self.tls_pending: Optional[ssl.SSLContext] = getattr(self.owner, "tls", None)
 
     # -- socket -------------------------------------------------------------------
 
@@ -166,6 +181,12 @@ class _Negotiation:
                                  % (length, proto.MAX_BUFFER_SIZE))
             self.option = option
             self.optlen = length
+            if self.tls_pending is not None:
+                if not fixed:
+                    raise Disconnect("Unsupported option 0x%x" % option)
+                if not self.before_tls(option):
+                    return None
+                continue
             if not fixed and option != proto.OPT_EXPORT_NAME:
                 raise Disconnect("Unsupported option %d (%s)" % (option, proto.opt_name(option)))
             try:
@@ -212,11 +233,69 @@ class _Negotiation:
         elif option == proto.OPT_STARTTLS:
             if self.optlen:
                 self.reject_length()
+            if self.conn.tls:
+                raise _OptInvalid("TLS already enabled")
             raise _OptInvalid("TLS not configured", REP_ERR_POLICY)
         else:
             raise _OptInvalid("Unsupported option %d (%s)" % (option, proto.opt_name(option)),
                               REP_ERR_UNSUP)
         return False, None
+
+    def reject_fatal(self) -> None:
+        """nbd_reject_length(fatal=true): answer, then drop the connection."""
+        msg = "option '%s' has unexpected length" % proto.opt_name(self.option)
+        self.skip(self.optlen)
+        self.optlen = 0
+        self.send(self.reply(REP_ERR_INVALID, msg.encode()))
+        raise Disconnect(msg)
+
+    # -- TLS -----------------------------------------------------------------------------
+
+    def before_tls(self, option: int) -> bool:
+        """An option while TLS is required but not running.
+
+        :return: False when the client aborted (the connection ends).
+        """
+        if option == proto.OPT_STARTTLS:
+            if self.optlen:
+                self.reject_fatal()
+            self.starttls()
+            return True
+        if option == proto.OPT_EXPORT_NAME:
+            raise Disconnect("Option 0x%x not permitted before TLS" % option)
+        # nbd_opt_drop(): skip the payload, answer TLS_REQD; ABORT then ends
+        self.skip(self.optlen)
+        self.optlen = 0
+        msg = "Option 0x%x not permitted before TLS" % option
+        try:
+            self.send(self.reply(REP_ERR_TLS_REQD, msg.encode()))
+        except (OSError, Disconnect):
+            if option != proto.OPT_ABORT:
+                raise
+        return option != proto.OPT_ABORT
+
+    def starttls(self) -> None:
+        """nbd_negotiate_handle_starttls(): ACK, handshake, check the client."""
+        ctx = self.tls_pending
+        assert ctx is not None
+        self.send(self.reply(REP_ACK))
+        stream = TLSStream(self.sock, ctx, server_side=True)
+        self._arm()
+        try:
+            stream.handshake()
+        except socket.timeout:
+            raise Disconnect("handshake timed out") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise Disconnect("TLS handshake failed: %s" % exc) from None
+        authorize = getattr(self.owner, "authorize", None)
+        if authorize is not None and ctx.verify_mode == ssl.CERT_REQUIRED:
+            dname = peer_dn(stream.getpeercert())
+            reason = authorize(dname)
+            if reason:
+                raise Disconnect(reason)
+        self.tls_pending = None
+        self.sock = stream
+        self.conn.start_tls(stream)
 
     def _flags(self, exp: Any) -> int:
         max_conn = getattr(self.owner, "max_connections", 0)

@@ -22,6 +22,13 @@ layer's job: it emits the events).
 
 :func:`serve_socket` serves one already-connected socket in the calling
 thread, for ``--stdin``-style use and fuzzers.
+
+TLS: with ``tls`` (a server :class:`ssl.SSLContext`, from a
+``tls-creds-x509`` object) every client must negotiate ``NBD_OPT_STARTTLS``
+first (:mod:`.handshake`); ``authorize(dn)`` (``tls-authz``) may refuse a
+verified client by its certificate's name.  :meth:`NBDServer.bind` listens
+without accepting, so the command layer can check the credentials after
+the address (QEMU's order) without ever serving a client in the clear.
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import stat
 import tempfile
 import threading
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ..errors import QMPError
 from .connection import NBDConnection, configure_socket, describe_peer
@@ -214,13 +222,20 @@ class NBDServer:
         for an inherited socket.
     :param max_connections: 0 for unlimited (QEMU's QMP default is 100).
     :param handshake_timeout: seconds a client has to finish negotiating (0: no limit).
+    :param tls: a server context: TLS is then required of every client.
+    :param authorize: given a verified client certificate's distinguished
+        name, returns None to let the client in or the reason to refuse it.
     """
 
     def __init__(self, addr: Mapping[str, Any], max_connections: int = 100,
-                 handshake_timeout: float = HANDSHAKE_MAX_SECS) -> None:
+                 handshake_timeout: float = HANDSHAKE_MAX_SECS,
+                 tls: Optional[ssl.SSLContext] = None,
+                 authorize: Optional[Callable[[str], Optional[str]]] = None) -> None:
         self.addr = flatten_address(addr)
         self.max_connections = int(max_connections)
         self.handshake_timeout = handshake_timeout
+        self.tls = tls
+        self.authorize = authorize
         #: name -> export, in the order they were added (NBD_OPT_LIST order).
         self.exports: Dict[str, NBDExport] = {}
         self.listeners: List[socket.socket] = []
@@ -234,12 +249,27 @@ class NBDServer:
     # -- life cycle ---------------------------------------------------------------
 
     def start(self, backlog: int = socket.SOMAXCONN) -> None:
-        """Bind, listen and start accepting.
+        """Bind, listen (unless :meth:`bind` did) and start accepting.
 
         :param backlog: the listen backlog (QEMU uses SOMAXCONN).
         :raises QMPError: QEMU's texts, e.g. ``Failed to bind socket to
             /x/s: No such file or directory`` or ``Failed to find an
             available port: Address already in use``.
+        """
+        if not self.listeners:
+            self.bind(backlog)
+        self._running = True
+        for sock in self.listeners:
+            thread = threading.Thread(target=self._accept_loop, args=(sock,),
+                                      name="nbd-accept", daemon=True)
+            self._accept_threads.append(thread)
+            thread.start()
+
+    def bind(self, backlog: int = socket.SOMAXCONN) -> None:
+        """Bind and listen without accepting yet (:meth:`stop` undoes it).
+
+        :param backlog: the listen backlog.
+        :raises QMPError: as :meth:`start`.
         """
         kind = self.addr.get("type")
         if kind == "unix":
@@ -256,12 +286,6 @@ class NBDServer:
         for sock in socks:
             configure_socket(sock)
         self.listeners = socks
-        self._running = True
-        for sock in socks:
-            thread = threading.Thread(target=self._accept_loop, args=(sock,),
-                                      name="nbd-accept", daemon=True)
-            self._accept_threads.append(thread)
-            thread.start()
 
     def stop(self, join_timeout: float = STOP_JOIN_SECS) -> None:
         """Close the listeners and drop every client.
@@ -407,14 +431,17 @@ class _Standalone:
     """The owner of a connection served by :func:`serve_socket`."""
 
     def __init__(self, exports: Dict[str, NBDExport], max_connections: int,
-                 handshake_timeout: float) -> None:
+                 handshake_timeout: float, tls: Optional[ssl.SSLContext] = None) -> None:
         self.exports = exports
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.tls = tls
+        self.authorize: Optional[Callable[[str], Optional[str]]] = None
 
 
 def serve_socket(sock: socket.socket, exports: "Mapping[str, NBDExport] | NBDExport",
-                 max_connections: int = 1, handshake_timeout: float = 0) -> None:
+                 max_connections: int = 1, handshake_timeout: float = 0,
+                 tls: Optional[ssl.SSLContext] = None) -> None:
     """Serve one connected socket in the calling thread until the client leaves.
 
     :param sock: a connected stream socket (closed on return).
@@ -422,9 +449,10 @@ def serve_socket(sock: socket.socket, exports: "Mapping[str, NBDExport] | NBDExp
     :param max_connections: as for :class:`NBDServer`; 1 (the default)
         withholds CAN_MULTI_CONN.
     :param handshake_timeout: seconds to finish negotiating, 0 for no limit.
+    :param tls: a server context: the client must start TLS.
     """
     if isinstance(exports, NBDExport):
         exports = {exports.name: exports}
     configure_socket(sock)
-    owner = _Standalone(dict(exports), max_connections, handshake_timeout)
+    owner = _Standalone(dict(exports), max_connections, handshake_timeout, tls)
     NBDConnection(sock, owner, "standalone").run()
