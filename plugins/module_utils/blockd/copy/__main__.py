@@ -6,13 +6,17 @@
 
 Prints one line of JSON (the result, or ``{"status": "error", ...}``) and
 exits 0 on success, else the code of :data:`~blockd.copy.errors.EXIT_CODES`.
+
+An ``nbd+ssh://[USER@]HOST[:PORT]/EXPORT?socket=PATH`` source or target goes
+through an SSH tunnel (paramiko): ``--ssh-identity``, ``--ssh-known-hosts``
+(strict host key checking), ``--ssh-passphrase-file``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 from ..nbd.client import tls_context
 from .engine import copy, dumps
@@ -28,6 +32,41 @@ def _ranges(text: str) -> List[Tuple[int, int]]:
         off, _, length = part.partition(":")
         out.append((int(off, 0), int(length, 0)))
     return out
+
+
+def _ssh_options(p: argparse.ArgumentParser) -> None:
+    """The options of an ``nbd+ssh://`` URI."""
+    g = p.add_argument_group("nbd+ssh:// (SSH tunnel)")
+    g.add_argument("--ssh-identity", action="append", metavar="KEY",
+                   help="private key to authenticate with (default: ~/.ssh/id_* and ssh-agent)")
+    g.add_argument("--ssh-known-hosts", action="append", metavar="FILE",
+                   help="known_hosts file the server's host key must be in "
+                        "(default: ~/.ssh/known_hosts, /etc/ssh/ssh_known_hosts)")
+    g.add_argument("--ssh-passphrase-file", metavar="FILE",
+                   help="file holding the passphrase of the identity file")
+
+
+def _connect_kwargs(args: argparse.Namespace, uri: Optional[str]) -> Dict[str, Any]:
+    """NBD connection options from the CLI: TLS context, SSH tunnel options."""
+    kw: Dict[str, Any] = {}
+    if getattr(args, "tls_cert_dir", None):
+        kw["tls"] = tls_context(certificates_dir=args.tls_cert_dir)
+    ssh: Dict[str, Any] = {}
+    if args.ssh_identity:
+        ssh["ssh_identity"] = args.ssh_identity
+    if args.ssh_known_hosts:
+        ssh["ssh_known_hosts"] = args.ssh_known_hosts
+    if args.ssh_passphrase_file:
+        try:
+            with open(args.ssh_passphrase_file, encoding="utf-8") as f:
+                ssh["ssh_passphrase"] = f.read().rstrip("\r\n")
+        except OSError as exc:
+            raise CopyError("usage", "cannot read --ssh-passphrase-file %s: %s"
+                            % (args.ssh_passphrase_file, exc.strerror or exc)) from None
+    if ssh and not (uri or "").lower().startswith(("nbd+ssh://", "nbds+ssh://")):
+        raise CopyError("usage", "--ssh-* options need an nbd+ssh:// or nbds+ssh:// URI")
+    kw.update(ssh)
+    return kw
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,10 +98,12 @@ def parser() -> argparse.ArgumentParser:
                       help="flush and record resume state at least every N MiB")
     pull.add_argument("--overwrite", action="store_true")
     pull.add_argument("--tls-cert-dir", help="x509 directory (ca-cert.pem, client-cert.pem...)")
+    _ssh_options(pull)
     ver = sub.add_parser("verify", help="check a backup against its manifest")
     ver.add_argument("dest")
     ver.add_argument("--manifest")
     ver.add_argument("--against", metavar="URI", help="also compare with a live export")
+    _ssh_options(ver)
     res = sub.add_parser("restore", help="restore a backup (chain) to an image or an NBD export")
     res.add_argument("backup")
     res.add_argument("dest", nargs="?", help="the image to create (not with --to-nbd)")
@@ -72,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
     res.add_argument("--no-verify", action="store_true")
     res.add_argument("--overwrite", action="store_true")
     res.add_argument("--tls-cert-dir", help="x509 directory (ca-cert.pem, client-cert.pem...)")
+    _ssh_options(res)
     return p
 
 
@@ -83,18 +125,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("restore needs exactly one of DEST and --to-nbd URI")
     try:
         if args.cmd == "pull":
-            kw = {}
-            if args.tls_cert_dir:
-                kw["tls"] = tls_context(certificates_dir=args.tls_cert_dir)
+            kw = _connect_kwargs(args, args.uri)
             res = copy(args.uri, args.dest, args.format, base=args.base, extents=args.extents,
                        dirty_bitmap=args.dirty_bitmap, connections=args.connections,
                        inflight=args.inflight, progress_file=args.progress_file,
                        manifest=args.manifest, resume=not args.no_resume,
                        overwrite=args.overwrite, commit_bytes=args.commit_mib << 20, **kw)
         elif args.cmd == "restore":
-            kw = {}
-            if args.tls_cert_dir:
-                kw["tls"] = tls_context(certificates_dir=args.tls_cert_dir)
+            kw = _connect_kwargs(args, args.to_nbd)
             if args.to_nbd:
                 res = restore_to_nbd(args.backup, args.to_nbd, manifest=args.manifest,
                                      verify=not args.no_verify, **kw)
@@ -102,8 +140,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 res = restore(args.backup, args.dest, args.format, manifest=args.manifest,
                               verify=not args.no_verify, overwrite=args.overwrite)
         elif args.against:
-            res = verify_against(args.against, args.dest, args.manifest)
+            res = verify_against(args.against, args.dest, args.manifest,
+                                 **_connect_kwargs(args, args.against))
         else:
+            _connect_kwargs(args, None)  # --ssh-* without --against: a usage error
             res = verify(args.dest, args.manifest)
     except CopyError as exc:
         print(dumps(exc.to_dict()))

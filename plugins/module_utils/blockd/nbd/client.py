@@ -665,9 +665,13 @@ def connect_uri(uri: str, **kwargs: Any) -> NBDClient:
     """Connect to an NBD URI (see :func:`parse_uri`); ``nbds`` requires TLS.
 
     :param kwargs: :func:`connect`/:class:`NBDClient` options; an explicit
-        ``tls`` context replaces the one made from the URI.
+        ``tls`` context replaces the one made from the URI.  ``nbd+ssh``:
+        also the ``ssh_*`` options of :func:`.client_ssh.open_uri_channel`.
     """
     parsed, kw = _uri_kwargs(uri, kwargs)
+    if parsed.transport == "ssh":
+        from .client_ssh import open_uri_channel  # paramiko is optional: imported on use
+        return connect(open_uri_channel(parsed, kw), parsed.export, **kw)
     return connect(parsed.address, parsed.export, **kw)
 
 

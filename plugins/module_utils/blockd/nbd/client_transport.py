@@ -5,7 +5,9 @@
 
 * :func:`parse_uri` reads ``nbd://``, ``nbds://``, ``nbd+unix://`` and
   ``nbds+unix://`` URIs the way libnbd's ``nbd_connect_uri`` does (the
-  NBD URI specification, ``doc/uri.md`` of the NetworkBlockDevice project);
+  NBD URI specification, ``doc/uri.md`` of the NetworkBlockDevice project),
+  and libnbd's ``nbd+ssh://``/``nbds+ssh://`` (an SSH tunnel to the target,
+  opened by :mod:`.client_ssh`);
 * :func:`open_socket` connects a unix or TCP stream socket;
 * :func:`tls_context` builds the :class:`ssl.SSLContext` for x509 TLS
   (libnbd's ``tls-certificates`` directory layout is understood too);
@@ -23,10 +25,11 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .tls import TLSStream
 
 #: The IANA port of NBD.
 DEFAULT_PORT = 10809
@@ -38,7 +41,11 @@ _SCHEMES = {
     "nbds+unix": (True, "unix"),
     "nbd+vsock": (False, "vsock"),
     "nbds+vsock": (True, "vsock"),
+    "nbd+ssh": (False, "ssh"),
+    "nbds+ssh": (True, "ssh"),
 }
+#: The SSH port (``nbd+ssh://HOST`` without a port).
+SSH_PORT = 22
 
 _TRUE = ("1", "true", "on", "yes", "require")
 _FALSE = ("0", "false", "off", "no")
@@ -53,10 +60,12 @@ class NBDURI:
     """A parsed NBD URI.
 
     :ivar tls: ``nbds*`` schemes: TLS is required.
-    :ivar transport: ``"tcp"`` or ``"unix"``.
-    :ivar host: TCP host name or address (brackets of IPv6 removed).
-    :ivar port: TCP port.
-    :ivar socket: unix socket path.
+    :ivar transport: ``"tcp"``, ``"unix"`` or ``"ssh"``.
+    :ivar host: TCP host name or address (brackets of IPv6 removed); for
+        ``ssh`` the SSH server.
+    :ivar port: TCP port; for ``ssh`` the SSH port (default 22).
+    :ivar socket: unix socket path; for ``ssh`` the NBD server's unix socket
+        on the SSH server (empty: TCP to ``localhost:nbd_port`` there).
     :ivar export: the export name (percent-decoded).
     :ivar tls_certificates: the ``tls-certificates`` directory (libnbd/gnutls
         layout: ``ca-cert.pem``, ``client-cert.pem``, ``client-key.pem``).
@@ -74,10 +83,22 @@ class NBDURI:
     tls_certificates: Optional[str] = None
     tls_verify_peer: bool = True
     tls_hostname: Optional[str] = None
+    #: ``ssh``: the SSH user name (the URI's user info; None: the local user).
+    ssh_user: Optional[str] = None
+    #: ``ssh`` without ``socket``: the NBD server's TCP port on the SSH server (``nbd-port``).
+    nbd_port: int = DEFAULT_PORT
+    #: ``ssh``: compress the SSH connection (``compress``, as ``ssh -C``).
+    ssh_compress: bool = False
 
     @property
     def address(self) -> Union[str, Tuple[str, int]]:
-        """The unix path, or the ``(host, port)`` tuple."""
+        """The unix path, or the ``(host, port)`` tuple.
+
+        :raises URIError: for ``nbd+ssh`` (no local address: use ``connect_uri``).
+        """
+        if self.transport == "ssh":
+            raise URIError("an nbd+ssh URI has no local address: connect with connect_uri() "
+                           "(or blockd.nbd.client_ssh.SSHTunnel)")
         return self.socket if self.transport == "unix" else (self.host, self.port)
 
 
@@ -93,10 +114,14 @@ def _bool(name: str, value: str) -> bool:
 def parse_uri(uri: str) -> NBDURI:
     """Parse an NBD URI like libnbd's ``nbd_connect_uri``.
 
-    ``nbd[s]://HOST[:PORT]/[EXPORT]`` and ``nbd[s]+unix:///[EXPORT]?socket=PATH``;
+    ``nbd[s]://HOST[:PORT]/[EXPORT]``, ``nbd[s]+unix:///[EXPORT]?socket=PATH``
+    and (libnbd >= 1.22) ``nbd[s]+ssh://[USER@]HOST[:SSHPORT]/[EXPORT]`` with
+    ``?socket=PATH`` (the NBD server's unix socket on HOST) or
+    ``?nbd-port=N`` (TCP to ``localhost:N`` on HOST, default 10809);
     the export is the path without its first ``/`` (so ``nbd://h//x`` names
     ``/x``), percent-decoded.  Query parameters ``socket``,
-    ``tls-certificates``, ``tls-verify-peer`` and ``tls-hostname`` are used;
+    ``tls-certificates``, ``tls-verify-peer``, ``tls-hostname``, and for
+    ``ssh`` ``nbd-port`` and ``compress`` are used;
     ``tls-username``/``tls-psk-file`` (PSK) are refused, other parameters are
     ignored as libnbd does.
 
@@ -117,9 +142,14 @@ def parse_uri(uri: str) -> NBDURI:
     if path and not path.startswith("/"):
         raise URIError(f"NBD URI {uri!r}: the export path must start with '/'")
     res.export = unquote(path[1:]) if path else ""
+    nbd_port: Optional[str] = None
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key == "socket":
             res.socket = value
+        elif key == "nbd-port":
+            nbd_port = value
+        elif key == "compress" and transport == "ssh":
+            res.ssh_compress = value == "" or _bool(key, value)
         elif key == "tls-certificates":
             res.tls_certificates = value
         elif key == "tls-verify-peer":
@@ -129,7 +159,9 @@ def parse_uri(uri: str) -> NBDURI:
         elif key in ("tls-psk-file", "tls-username"):
             raise URIError(f"NBD URI {uri!r}: {key}: TLS-PSK is not supported "
                            "(only x509 through Python's ssl)")
-    if transport == "unix":
+    if transport == "ssh":
+        _parse_ssh(uri, parts, res, nbd_port)
+    elif transport == "unix":
         if parts.netloc:
             raise URIError(f"NBD URI {uri!r}: a unix URI has no host "
                            "(write nbd+unix:///EXPORT?socket=PATH)")
@@ -145,6 +177,35 @@ def parse_uri(uri: str) -> NBDURI:
         res.host = parts.hostname or "localhost"
         res.port = DEFAULT_PORT if port is None else port
     return res
+
+
+def _parse_ssh(uri: str, parts: Any, res: NBDURI, nbd_port: Optional[str]) -> None:
+    """The ``nbd[s]+ssh`` part of :func:`parse_uri` (authority and target)."""
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise URIError(f"NBD URI {uri!r}: bad SSH port: {exc}") from None
+    host = parts.hostname or ""
+    if not host:
+        raise URIError(f"NBD URI {uri!r}: an nbd+ssh URI needs the SSH server "
+                       "(nbd+ssh://[USER@]HOST[:PORT]/EXPORT?socket=PATH)")
+    if host.startswith("-"):
+        raise URIError(f"NBD URI {uri!r}: SSH host name {host!r} must not start with '-'")
+    if parts.password is not None:
+        raise URIError(f"NBD URI {uri!r}: no password in an nbd+ssh URI "
+                       "(SSH authentication is by key)")
+    res.host = host
+    res.port = SSH_PORT if port is None else port
+    res.ssh_user = unquote(parts.username) if parts.username else None
+    if res.socket and nbd_port is not None:
+        raise URIError(f"NBD URI {uri!r}: give either socket= or nbd-port=, not both")
+    if res.socket and not res.socket.startswith("/"):
+        raise URIError(f"NBD URI {uri!r}: socket={res.socket!r} must be an absolute path "
+                       "on the SSH server")
+    if nbd_port is not None:
+        if not nbd_port.isdigit() or not 0 < int(nbd_port) < 65536:
+            raise URIError(f"NBD URI {uri!r}: nbd-port={nbd_port!r} is not a TCP port")
+        res.nbd_port = int(nbd_port)
 
 
 def open_socket(address: Union[str, os.PathLike, Tuple[str, int]],
@@ -208,130 +269,18 @@ def tls_context(cafile: Optional[str] = None, certfile: Optional[str] = None,
     return ctx
 
 
-class TLSTransport:
-    """TLS over a connected socket, safe for one reader plus many writers.
-
-    The socket-like interface the client uses: :meth:`recv_into`,
-    :meth:`sendall`, :meth:`settimeout`, :meth:`shutdown`, :meth:`close`.
-    ``_obj_lock`` guards the :class:`ssl.SSLObject`; ``_send_lock`` keeps
-    encrypted records in order on the wire.  Data the reader produces (TLS
-    1.3 post-handshake replies) is flushed by it when no writer is busy, or
-    by the next writer.
+class TLSTransport(TLSStream):
+    """The client end of :class:`.tls.TLSStream` (shared with the NBD server):
+    TLS over a connected socket, safe for one reader plus many writers.
 
     :param sock: the connected socket (after the server's ACK of STARTTLS).
     :param context: the client context.
     :param hostname: the name to check in the server's certificate.
+    :raises ValueError: the context checks host names but none is given.
     """
 
     def __init__(self, sock: Any, context: ssl.SSLContext, hostname: Optional[str]) -> None:
-        self.sock = sock
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
         if not hostname and context.check_hostname:
             raise ValueError("TLS hostname check is on but no host name is known "
                              "(give tls_hostname, or check_hostname=False)")
-        self._obj = context.wrap_bio(self._in, self._out, server_side=False,
-                                     server_hostname=hostname or None)
-        self._obj_lock = threading.Lock()
-        self._send_lock = threading.Lock()
-
-    def _fill(self) -> bool:
-        """Feed the incoming BIO from the socket; False at EOF."""
-        data = self.sock.recv(262144)
-        if not data:
-            self._in.write_eof()
-            return False
-        self._in.write(data)
-        return True
-
-    def _flush(self) -> None:
-        """Send everything the SSL object produced (caller holds ``_send_lock``)."""
-        while True:
-            with self._obj_lock:
-                data = self._out.read()
-            if not data:
-                return
-            self.sock.sendall(data)
-
-    def handshake(self) -> None:
-        """Run the TLS handshake (``qio_channel_tls_handshake`` on QEMU's side).
-
-        :raises ssl.SSLError: verification or protocol failure.
-        :raises ConnectionError: the server closed the connection.
-        """
-        while True:
-            try:
-                with self._obj_lock:
-                    self._obj.do_handshake()
-                with self._send_lock:
-                    self._flush()
-                return
-            except ssl.SSLWantReadError:
-                with self._send_lock:
-                    self._flush()
-                if not self._fill():
-                    raise ConnectionError("server closed the connection during the TLS handshake")
-            except ssl.SSLError:
-                try:  # send the alert saying why (e.g. "unknown CA") before giving up
-                    with self._send_lock:
-                        self._flush()
-                except OSError:
-                    pass
-                raise
-
-    @property
-    def version(self) -> Optional[str]:
-        """The negotiated protocol, e.g. ``"TLSv1.3"``."""
-        return self._obj.version()
-
-    def getpeercert(self) -> Any:
-        """The server certificate (as :meth:`ssl.SSLObject.getpeercert`)."""
-        return self._obj.getpeercert()
-
-    def recv_into(self, buf: memoryview) -> int:
-        """Decrypt into ``buf``; 0 at end of stream."""
-        while True:
-            try:
-                with self._obj_lock:
-                    n = self._obj.read(len(buf), buf)
-                    pending = self._out.pending
-            except ssl.SSLWantReadError:
-                if not self._fill():
-                    return 0
-                continue
-            except ssl.SSLZeroReturnError:
-                return 0
-            if pending and self._send_lock.acquire(blocking=False):
-                try:
-                    self._flush()
-                finally:
-                    self._send_lock.release()
-            return n
-
-    def recv(self, n: int) -> bytes:
-        """Up to ``n`` decrypted bytes; ``b""`` at end of stream."""
-        buf = bytearray(n)
-        got = self.recv_into(memoryview(buf))
-        return bytes(buf[:got])
-
-    def sendall(self, data: Any) -> None:
-        """Encrypt and send ``data`` completely."""
-        view = memoryview(data).cast("B")
-        with self._send_lock:
-            while view:
-                with self._obj_lock:
-                    n = self._obj.write(view[:1 << 20])
-                view = view[n:]
-                self._flush()
-
-    def settimeout(self, timeout: Optional[float]) -> None:
-        """Set the timeout of the underlying socket."""
-        self.sock.settimeout(timeout)
-
-    def shutdown(self, how: int) -> None:
-        """Shut the underlying socket down (wakes a blocked reader)."""
-        self.sock.shutdown(how)
-
-    def close(self) -> None:
-        """Close the underlying socket (no TLS close_notify, as after NBD_CMD_DISC)."""
-        self.sock.close()
+        super().__init__(sock, context, server_side=False, hostname=hostname)
