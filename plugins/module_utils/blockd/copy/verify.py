@@ -24,7 +24,9 @@ def verify(dest: str, manifest: Optional[str] = None) -> Dict[str, Any]:
     """Check every extent checksum and the whole-disk digest of ``dest``.
 
     :raise CopyError: ``manifest`` when the manifest is unusable, ``verify``
-        when the output differs (the first bad offset is in the message).
+        when the output differs (the first bad offset is in the message; the
+        exception's ``bad_extents`` lists every mismatching manifest extent:
+        ``offset``, ``length``, ``type``, ``first_bad_offset``, ``bad_blocks``).
     """
     started = time.monotonic()
     manifest = manifest or dest + ".manifest.json"
@@ -48,11 +50,16 @@ def verify(dest: str, manifest: Optional[str] = None) -> Dict[str, Any]:
                 read += length
             if got != want:
                 first = next(i for i in range(0, len(got), 32) if got[i:i + 32] != want[i:i + 32])
-                bad.append(off + first // 32 * BLOCK)
+                bad.append({"offset": off, "length": length, "type": e["type"],
+                            "first_bad_offset": off + first // 32 * BLOCK,
+                            "bad_blocks": sum(got[i:i + 32] != want[i:i + 32]
+                                              for i in range(0, len(got), 32))})
             digest.add(got)
         if bad:
-            raise CopyError("verify", "%s differs from its manifest in %d extent(s), first at "
-                            "offset %d" % (dest, len(bad), bad[0]))
+            err = CopyError("verify", "%s differs from its manifest in %d extent(s), first at "
+                            "offset %d" % (dest, len(bad), bad[0]["first_bad_offset"]))
+            err.bad_extents = bad  # type: ignore[attr-defined]  # (offset, length, type...)
+            raise err
         if digest.hexdigest() != doc["disk_sha256"]:
             raise CopyError("verify", "%s: whole-disk digest mismatch" % dest)
         return {"status": "ok", "dest": dest, "manifest": manifest, "size": doc["size"],
