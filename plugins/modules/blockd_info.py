@@ -35,7 +35,7 @@ options:
     choices: [all, nodes, jobs, exports, bitmaps, version]
     default: [all]
 author:
-  - blockdev.fleecing contributors
+  - blockdev.fleecing contributors (!UNKNOWN)
 """
 
 EXAMPLES = r"""
@@ -90,7 +90,11 @@ def main():
         type="list", elements="str", default=["all"],
         choices=["all", "nodes", "jobs", "exports", "bitmaps", "version"])))
     gather = set(mod.params["gather"])
-    want = (lambda what: "all" in gather or what in gather)
+
+    def want(what):
+        """True when WHAT is to be gathered."""
+        return "all" in gather or what in gather
+
     out = {}
     if want("version"):
         out["version"] = mod.execute("query-version")

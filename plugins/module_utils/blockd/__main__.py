@@ -6,5 +6,18 @@
 import sys
 
 from .cli import main
+from .qmp.schema import MissingDependency, require_jsonschema
 
-sys.exit(main())
+
+def run() -> int:
+    """Check blockd's dependencies, then run the daemon; the exit status."""
+    try:
+        require_jsonschema()
+    except MissingDependency as exc:
+        sys.stderr.write("blockd: %s\n" % exc)
+        return 1
+    return main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

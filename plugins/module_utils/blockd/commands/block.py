@@ -152,7 +152,7 @@ def node_info(node: Any, nested: bool) -> Dict[str, Any]:
     bitmaps = [b.query_info() for b in reversed(getattr(node, "internal_bitmaps", ()))]
     if bitmaps:  # block-copy's internal bitmaps (graph/blockcopy.py), newest first
         items = list(info.items())
-        at = [k for k, _ in items].index("write_threshold") + 1
+        at = [k for k, _value in items].index("write_threshold") + 1
         info = dict(items[:at] + [("dirty-bitmaps", bitmaps)] + items[at:])
     return info
 

@@ -64,7 +64,7 @@ class SnapshotAccessDriver(Driver):
 
     def block_status(self, offset: int, length: int) -> Tuple[int, int, int]:
         """``snapshot_access_co_block_status()``; data or zeroes count as this layer's."""
-        n, flags, _ = self._api().snapshot_block_status(offset, length)
+        n, flags, _where = self._api().snapshot_block_status(offset, length)
         if flags & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
             return n, flags | BDRV_BLOCK_ALLOCATED, 0
         return n, flags & ~BDRV_BLOCK_ALLOCATED, -1
@@ -95,7 +95,7 @@ def _join(segs: List[tuple]) -> bytes:
         if seg[0] == SEG_DATA:
             out += seg[1]
         elif seg[0] == SEG_FD:
-            _, fd, off, n = seg
+            _kind, fd, off, n = seg
             data = os.pread(fd, n, off)
             out += data
             if len(data) < n:

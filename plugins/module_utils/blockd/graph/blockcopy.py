@@ -612,7 +612,7 @@ class BlockCopyState:
             if not self._serialising or self._saved is None:
                 return
             node = self.target
-            pread, segments, _, _ = self._saved
+            pread, segments, _rest1, _rest2 = self._saved
             node.pread = pread
             node.read_segments = segments
             self._serialising = False
@@ -670,7 +670,7 @@ def materialise(segs: List[tuple]) -> List[tuple]:
     out: List[tuple] = []
     for seg in segs:
         if seg[0] == SEG_FD:
-            _, fd, off, length = seg
+            _kind, fd, off, length = seg
             data = os.pread(fd, length, off)
             if len(data) < length:
                 data += bytes(length - len(data))

@@ -496,7 +496,8 @@ def abdicate(bitmap: DirtyBitmap) -> DirtyBitmap:
     """``bdrv_dirty_bitmap_abdicate()``: the successor takes the name and the
     persistence, ``bitmap`` is released; return the successor."""
     child = bitmap.successor
-    assert child is not None
+    if child is None:
+        raise AssertionError("bitmap %r has no successor" % bitmap.name)
     child.name, bitmap.name = bitmap.name, None
     child.persistent, bitmap.persistent = bitmap.persistent, False
     bitmap.successor = None
@@ -509,7 +510,8 @@ def reclaim(bitmap: DirtyBitmap) -> DirtyBitmap:
     """``bdrv_reclaim_dirty_bitmap()``: merge the successor back into ``bitmap``,
     which records again as the successor did; the successor is released."""
     child = bitmap.successor
-    assert child is not None
+    if child is None:
+        raise AssertionError("bitmap %r has no successor" % bitmap.name)
     bitmap.enabled = child.enabled   # writes from here on land in both, then in bitmap
     release(child)
     bitmap.merge_from(child)

@@ -9,7 +9,6 @@ import json
 from typing import Any, Dict, List, Optional
 
 
-
 def _ignore_discard(offset: int, length: int) -> None:
     """bdrv_co_pdiscard() on a node without BDRV_O_UNMAP: nothing happens."""
 

@@ -125,7 +125,7 @@ class ThrottleConfig:
 
     def __init__(self) -> None:
         """throttle_config_init(): everything 0, burst lengths 1."""
-        self.buckets: List[LeakyBucket] = [LeakyBucket() for _ in range(BUCKETS_COUNT)]
+        self.buckets: List[LeakyBucket] = [LeakyBucket() for _i in range(BUCKETS_COUNT)]
         self.op_size = 0
 
     def copy(self) -> "ThrottleConfig":
@@ -483,7 +483,7 @@ class ThrottleGroup:
                    for d in (READ, WRITE) if m.timers[d] is not None and m.timers[d] <= now]
             if not due:
                 break
-            _, _, member, d = min(due, key=lambda t: (t[0], t[1], t[3]))
+            _when, _seq, member, d = min(due, key=lambda t: (t[0], t[1], t[3]))
             self._fire(member, d, now)
         pending = [m.timers[d] for m in self.members for d in (READ, WRITE)
                    if m.timers[d] is not None]

@@ -642,7 +642,8 @@ class Job:
         """``job_completed_txn_success_locked()``."""
         self.transition("waiting")
         txn = self.txn
-        assert txn is not None
+        if txn is None:
+            raise AssertionError("job %s is in no transaction" % self.id)
         for other in txn.jobs:
             if not other.is_completed:
                 return
@@ -673,7 +674,8 @@ class Job:
     def _do_finalize(self) -> None:
         """``job_do_finalize_locked()``."""
         txn = self.txn
-        assert txn is not None
+        if txn is None:
+            raise AssertionError("job %s is in no transaction" % self.id)
         if txn.apply(Job._prepare_one):
             self._txn_abort()
         else:

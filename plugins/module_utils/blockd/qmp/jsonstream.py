@@ -417,7 +417,8 @@ class JSONStreamParser:
         if self._bracket + self._brace > MAX_NESTING:
             self._emit(JSONParseError("JSON nesting depth limit exceeded"))
             return
-        assert tok is not None
+        if tok is None:
+            raise AssertionError("JSON lexer produced no token")
         self._tokens.append(tok)
         self._size += len(raw)
         if (self._brace > 0 or self._bracket > 0) and self._brace >= 0 and self._bracket >= 0:

@@ -53,16 +53,24 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import threading
 from typing import Any, Dict, List, Optional
 
-import jsonschema
-from jsonschema import validators as _validators
+try:
+    import jsonschema
+    from jsonschema import validators as _validators
+except ImportError as _exc:  # reported by require_jsonschema() / Schema(), not at import time
+    jsonschema = None  # type: ignore[assignment]  # pylint: disable=invalid-name
+    _validators = None  # type: ignore[assignment]  # pylint: disable=invalid-name
+    _JSONSCHEMA_ERROR: Optional[str] = str(_exc)
+else:
+    _JSONSCHEMA_ERROR = None
 
 from ..errors import CommandNotFound, QMPError
 from .visitor import QapiVisitor, VisitError
 
-__all__ = ["Schema", "SCHEMA_PATH"]
+__all__ = ["Schema", "SCHEMA_PATH", "MissingDependency", "require_jsonschema"]
 
 #: Where the schema document lives (inside the package).
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.json")
@@ -73,10 +81,37 @@ def _is_integer(checker: Any, instance: Any) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-_Validator = _validators.extend(
-    _validators.Draft7Validator,
-    type_checker=_validators.Draft7Validator.TYPE_CHECKER.redefine("integer", _is_integer),
-)
+class MissingDependency(Exception):
+    """A Python package blockd needs is not installed (the message says which and how to get it)."""
+
+
+def require_jsonschema() -> None:
+    """Check that jsonschema, blockd's one dependency outside the standard library, imports.
+
+    :raise MissingDependency: naming the package and how to install it.
+    """
+    if _JSONSCHEMA_ERROR is not None:
+        raise MissingDependency(
+            "the Python package jsonschema, which blockd needs, is missing for %s (%s); "
+            "install it with 'apt-get install python3-jsonschema', "
+            "'dnf install python3-jsonschema' or 'pip install jsonschema'"
+            % (sys.executable, _JSONSCHEMA_ERROR))
+
+
+_VALIDATOR: Any = None
+
+
+def _validator_class() -> Any:
+    """jsonschema's Draft 7 validator with QEMU's notion of an integer (made on first use)."""
+    global _VALIDATOR  # pylint: disable=global-statement
+    if _VALIDATOR is None:
+        require_jsonschema()
+        _VALIDATOR = _validators.extend(
+            _validators.Draft7Validator,
+            type_checker=_validators.Draft7Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+        )
+    return _VALIDATOR
+
 
 _DEFAULT: Optional["Schema"] = None
 _DEFAULT_LOCK = threading.Lock()
@@ -92,6 +127,7 @@ class Schema:
     """
 
     def __init__(self, path: Optional[str] = None) -> None:
+        require_jsonschema()
         with open(path or SCHEMA_PATH, "r", encoding="utf-8") as handle:
             self._doc: Dict[str, Any] = json.load(handle)
         self._defs: Dict[str, Any] = self._doc.get("definitions", {})
@@ -166,7 +202,7 @@ class Schema:
             node = self._node(name, kind)
             doc = {"$schema": self._doc.get("$schema", "http://json-schema.org/draft-07/schema#"),
                    "definitions": self._defs, "allOf": [node]}
-            validator = _Validator(doc)
+            validator = _validator_class()(doc)
             with self._lock:
                 self._validators[key] = validator
         return validator

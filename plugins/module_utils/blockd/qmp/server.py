@@ -336,7 +336,7 @@ class Monitor:
         """
         try:
             self._conn.setblocking(False)
-            for _ in range(64):
+            for _i in range(64):
                 if not self._conn.recv(_RECV_SIZE):
                     break
         except (OSError, ValueError):
@@ -553,13 +553,13 @@ class MonitorListener:
                     if self._closed:
                         return
                 try:
-                    ready, _, _ = select.select([self.sock, self._wake_r], [], [])
+                    ready, _w, _x = select.select([self.sock, self._wake_r], [], [])
                 except (OSError, ValueError):
                     return
                 if self._wake_r in ready:
                     return
                 try:
-                    conn, _ = self.sock.accept()
+                    conn, _addr = self.sock.accept()
                 except (BlockingIOError, InterruptedError, socket.timeout):
                     continue
                 except OSError:

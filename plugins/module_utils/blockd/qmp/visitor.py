@@ -528,7 +528,7 @@ class QapiVisitor:
         self.stack.append(_Frame(name, obj))
         try:
             items = node.get("items", {})
-            return [self.visit_type(items, None) for _ in range(len(obj))]
+            return [self.visit_type(items, None) for _i in range(len(obj))]
         finally:
             self.stack.pop()
 
@@ -598,7 +598,7 @@ class QapiVisitor:
             (tag, cond), = case["if"]["properties"].items()
             value = out.get(tag)
             if value == cond.get("const", _MISSING) or value in cond.get("enum", ()):
-                branch, _ = self.resolve(case["then"])
+                branch, _name = self.resolve(case["then"])
                 self._visit_props(branch, out, skip=node.get("properties", {}))
                 return branch.get("additionalProperties", True) is False
         return node.get("additionalProperties", True) is False

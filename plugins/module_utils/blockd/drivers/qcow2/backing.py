@@ -106,8 +106,8 @@ def header_backing_options(image_path: Optional[str], image_filename: str,
     :return: the inline blockdev-add definition of the backing node.
     :raise QMPError: when the name cannot be resolved or has no format.
     """
-    if backing_file.startswith("json:") or (":" in backing_file.split("/", 1)[0]
-                                             and "://" in backing_file):
+    has_protocol = ":" in backing_file.split("/", 1)[0] and "://" in backing_file
+    if backing_file.startswith("json:") or has_protocol:
         raise QMPError("Backing file '%s' of '%s' is not a plain file name; specify the "
                        "'backing' option explicitly" % (backing_file, image_filename))
     if not backing_format:

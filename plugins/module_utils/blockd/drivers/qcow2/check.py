@@ -341,7 +341,7 @@ def check_image(img: Any, repair: bool = False) -> CheckResult:
         rc = img.refcounts
         # Missing refcount blocks go past everything the metadata references.
         end = max(len(checker.refs), -(-img.file_end // checker.cs))
-        need = {i >> rc.rb_bits for i, _, _ in low}
+        need = {i >> rc.rb_bits for i, _n, _v in low}
         if need and max(need) >= len(rc.table):
             rc._grow_table(end, max(need) + 1)
             end = -(-img.file_end // checker.cs)

@@ -297,5 +297,3 @@ def create_raw(target: PathOrNode, size: int, preallocation: str = "off") -> Non
     finally:
         if own:
             file_node.driver.close()
-
-

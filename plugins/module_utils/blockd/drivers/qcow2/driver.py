@@ -400,7 +400,7 @@ class Qcow2Driver(Driver):
         """
         end = min(offset + length, self.img.size)
         while offset < end:
-            n, flags, _ = self.block_status(offset, end - offset)
+            n, flags, _where = self.block_status(offset, end - offset)
             if not flags & BDRV_BLOCK_ZERO:
                 return False
             offset += n
@@ -472,7 +472,7 @@ class Qcow2Driver(Driver):
         cend = min(cstart + cs, img.size)
         if self._reads_zero(cstart, start - cstart) and self._reads_zero(end, cend - end):
             with img.lock:
-                kind, _, value = img.map_extent(cstart, 1)
+                kind, _n, value = img.map_extent(cstart, 1)
                 if kind in (K_ZERO, K_UNALLOC):
                     self._check_writable()
                     img.validate_range(cstart, cend - cstart)
@@ -555,7 +555,7 @@ class Qcow2Driver(Driver):
                 return n, flags, 0
             if value >= img.file_end:
                 return n, flags | BDRV_BLOCK_ZERO, 0
-            fn, fflags, _ = self.file.block_status(value, min(n, img.file_end - value))
+            fn, fflags, _where = self.file.block_status(value, min(n, img.file_end - value))
             return min(n, fn), flags | (fflags & BDRV_BLOCK_ZERO), 0
         if kind == K_ZERO:
             return n, BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED, 0

@@ -23,12 +23,12 @@ import os
 import struct
 import threading
 from array import array
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from ...errors import QMPError
 from . import header as hdr
 from .cluster import ClusterOps
-from .l2 import L1E_OFFSET_MASK, OFLAG_COPIED, CompressedLayout, L2Cache, L2Table, hx
+from .l2 import L1E_OFFSET_MASK, CompressedLayout, L2Cache, L2Table, hx
 from .refcount import (DISCARD_OTHER, DISCARD_REQUEST, DISCARD_SNAPSHOT, REFT_OFFSET_MASK,
                        Refcounts, table_from_bytes, table_to_bytes)
 
