@@ -127,3 +127,75 @@ def is_subset(wanted, actual):
         return (isinstance(actual, list) and len(wanted) == len(actual)
                 and all(is_subset(w, a) for w, a in zip(wanted, actual)))
     return wanted == actual
+
+
+# -- added for node / nbd_server / nbd_export (H5) ----------------------------------------------
+def try_execute(mod, command, arguments=None):
+    """Run a QMP command through MOD (a :class:`BlockdModule`) without failing on its refusal.
+
+    Returns ``(return value, None)``, or ``(None, QMPCommandError)`` when the engine
+    answered with an error (``.klass``, ``.desc``), so that a module can tell errors
+    apart by message (``NBD server already running``) or add a hint to them.  An
+    unreachable engine or a timeout still fails the task.
+    """
+    try:
+        return mod.qmp.execute(command, arguments), None
+    except QMPCommandError as exc:
+        return None, exc
+    except QMPError as exc:
+        mod.fail(str(exc), qmp_command=command)
+    return None, None
+
+
+def nbd_uri(addr, export_name="", tls=False):
+    """The NBD URI of EXPORT_NAME on a server listening at ADDR, or None.
+
+    ADDR is a flat SocketAddress dict: ``{type: unix, path: P}`` gives
+    ``nbd+unix:///NAME?socket=P``, ``{type: inet, host: H, port: N}`` gives
+    ``nbd://H:N/NAME`` (``nbds...`` with TLS); other address types give None.
+    """
+    from urllib.parse import quote  # pylint: disable=import-outside-toplevel
+    if not addr:
+        return None
+    scheme = "nbds" if tls else "nbd"
+    name = quote(export_name or "", safe="")
+    if addr.get("type", "unix") == "unix" and addr.get("path"):
+        return "%s+unix:///%s?socket=%s" % (scheme, name, quote(addr["path"], safe="/"))
+    if addr.get("type") == "inet" and addr.get("host") and addr.get("port") is not None:
+        host = addr["host"]
+        if ":" in host and not host.startswith("["):
+            host = "[%s]" % host
+        return "%s://%s:%s/%s" % (scheme, host, addr["port"], name)
+    return None
+
+
+def nbd_exports(mod):
+    """Ids of the engine's block exports of type ``nbd`` (sorted)."""
+    return sorted(i for i, e in mod.query_exports().items() if e.get("type") == "nbd")
+
+
+def wait_exports_gone(mod, ids):
+    """Wait until no export of IDS is listed any more (``BLOCK_EXPORT_DELETED``).
+
+    Deleting an export is asynchronous in QEMU: ``query-block-exports`` shows it
+    with ``shutting-down: true`` until the event.  Fails the task when an export
+    is still there after the module's ``timeout``.
+    """
+    # pylint: disable-next=import-outside-toplevel
+    from ansible_collections.blockdev.fleecing.plugins.module_utils.qmp_client import QMPTimeout
+    import time  # pylint: disable=import-outside-toplevel
+    deadline = time.time() + mod.params["timeout"]
+    while True:
+        remaining = set(ids) & set(mod.query_exports())
+        if not remaining:
+            return
+        left = deadline - time.time()
+        if left <= 0:
+            mod.fail("block export(s) %s still shutting down after %.0f s"
+                     % (", ".join(sorted(remaining)), mod.params["timeout"]))
+        try:
+            mod.qmp.wait_event(lambda ev: (ev.get("event") == "BLOCK_EXPORT_DELETED"
+                                           and ev.get("data", {}).get("id") in remaining),
+                               timeout=min(left, 1.0))
+        except QMPTimeout:
+            pass
