@@ -2,8 +2,10 @@
 
 Each engine (qsd, blockd) serves, read-only over NBD on a unix socket, a raw image
 that is half allocated (4 MiB of random data every 8 MiB, in /dev/shm when it fits);
-from that same export, best of --runs (wall time of the whole process, start-up
-included):
+from that same export, --runs times, the four commands in turn in every run (so that
+the noise of a shared machine hits them alike), wall time of the whole process,
+start-up included, and its CPU time (user + system, from the kernel's accounting of
+the child):
 
   qemu-img   qemu-img convert -O qcow2 URI out.qcow2        (the reference)
   copy-q     python3 -m blockd.copy pull URI out.qcow2 -O qcow2  (manifest, checksums)
@@ -12,9 +14,9 @@ included):
 
 Then a 1 TiB empty (null-co, read-zeroes) export pulled into qcow2 by nbd_copy and by
 qemu-img convert, in seconds.  With --verify (default) every output is compared with
-the image (qemu-img compare).  MiB/s are of the virtual size; the ratio
-copy-q/qemu-img is the target (>= 1.0).  --json PATH writes everything.
-Standard library only.
+the image (qemu-img compare).  MiB/s are of the virtual size, from the median run
+(the best run in the JSON too); the ratio copy-q/qemu-img of the medians is the
+target (>= 1.0).  --json PATH writes everything.  Standard library only.
 
 Example:  python3 bench/copy_throughput.py --engines qsd,blockd --size-mib 1024 --runs 3
 """
@@ -23,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,23 +94,42 @@ def clean(path: Path) -> None:
             pass
 
 
+def timed_cpu(cmd: list[str], timeout: float) -> tuple[float, float]:
+    """Run CMD: (wall seconds, CPU seconds of the child: user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, timeout=timeout,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def bench_engine(name: str, args, image: Path, work: Path) -> dict:
     def body(eng, res: dict) -> None:
-        for metric, (cmd, out, fmt) in commands(eng.uri, eng.workdir).items():
-            runs = []
-            for _run in range(args.runs):
+        cmds = commands(eng.uri, eng.workdir)
+        walls: dict = {m: [] for m in cmds}
+        cpus: dict = {m: [] for m in cmds}
+        for _run in range(args.runs):
+            for metric, (cmd, out, fmt) in cmds.items():
                 clean(out)
-                runs.append(timed(cmd, args.timeout))
-            res[f"{metric}_seconds"] = [round(r, 3) for r in runs]
-            res[f"{metric}_mibs"] = round(args.size_mib / min(runs), 1)
-            if args.verify:
-                cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt,
-                                      str(image), str(out)], capture_output=True, text=True,
-                                     timeout=args.timeout, check=False)
-                res[f"{metric}_verified"] = cmp.returncode == 0
-                if cmp.returncode:
-                    res["error"] = f"{metric}: output differs: {cmp.stdout}{cmp.stderr}"
-            clean(out)
+                wall, cpu = timed_cpu(cmd, args.timeout)
+                walls[metric].append(wall)
+                cpus[metric].append(cpu)
+                if args.verify and _run == 0:
+                    cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt,
+                                          str(image), str(out)], capture_output=True,
+                                         text=True, timeout=args.timeout, check=False)
+                    res[f"{metric}_verified"] = cmp.returncode == 0
+                    if cmp.returncode:
+                        res["error"] = f"{metric}: output differs: {cmp.stdout}{cmp.stderr}"
+                clean(out)
+        for metric in cmds:
+            res[f"{metric}_seconds"] = [round(r, 3) for r in walls[metric]]
+            res[f"{metric}_cpu_seconds"] = [round(r, 3) for r in cpus[metric]]
+            res[f"{metric}_mibs"] = round(args.size_mib / statistics.median(walls[metric]), 1)
+            res[f"{metric}_best_mibs"] = round(args.size_mib / min(walls[metric]), 1)
+            res[f"{metric}_cpu_median"] = round(statistics.median(cpus[metric]), 3)
 
     def sparse(eng, res: dict) -> None:
         for metric, (cmd, out, _fmt) in commands(eng.uri, eng.workdir).items():
@@ -127,17 +151,27 @@ def print_table(results: dict, engines: list[str]) -> None:
                           ("copy_qcow2", "1 TiB sparse: nbd_copy (s)")):
         print(f"{label:36}" + "".join(f"{eng[e].get(f'tib_{metric}_seconds', float('nan')):>10.3f}"
                                       for e in engines))
+    print(f"{'CPU s (median): ' + ', '.join(m for m, _l in METRICS):36}")
+    for e in engines:
+        r = eng[e]
+        print(f"  {e}: " + "  ".join(f"{r.get(f'{m}_cpu_median', float('nan')):.3f}"
+                                     for m, _l in METRICS))
     for e in engines:
         r = eng[e]
         if "copy_qcow2_mibs" in r and "qemu_img_mibs" in r:
             print(f"{e}: nbd_copy/qemu-img (qcow2) = "
-                  f"{r['copy_qcow2_mibs'] / r['qemu_img_mibs']:.3f}")
+                  f"{r['copy_qcow2_mibs'] / r['qemu_img_mibs']:.3f} (median runs), "
+                  f"{r['copy_qcow2_best_mibs'] / r['qemu_img_best_mibs']:.3f} (best runs); "
+                  f"nbd_copy raw/nbdcopy = {r['copy_raw_mibs'] / r['nbdcopy_mibs']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, rounds=1, verify_help="skip the qemu-img compare of the outputs")
+    p.add_argument("--no-bytecode-cache", dest="bytecode_cache", action="store_false",
+                   help="leave PYTHONDONTWRITEBYTECODE as it is: with it set and no "
+                        "__pycache__, every nbd_copy run compiles blockd from source")
     args = p.parse_args(argv)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "plugins" / "module_utils"),
                                                              os.environ.get("PYTHONPATH")]))
@@ -146,10 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     work = pick_dir(args.dir, 4 * size)
     results: dict = {"size_mib": args.size_mib, "runs": args.runs, "unit": "MiB/s",
                      "nproc": os.cpu_count(), "loadavg": os.getloadavg(),
+                     "bytecode_cache": args.bytecode_cache,
+                     "work_dir": str(work),
                      "tools": {"qemu-img": tool_version(["qemu-img", "--version"]),
                                "nbdcopy": tool_version(["nbdcopy", "--version"])},
                      "engines": {}}
     try:
+        if args.bytecode_cache:
+            # As an installed package: bytecode compiled once (into the work
+            # directory, not the checkout) and reused by every run.
+            os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+            os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+            subprocess.run([sys.executable, "-c", "import blockd.copy.__main__, "
+                            "blockd.drivers.qcow2.create, blockd.graph.graph"], check=True)
         image = work / "image.raw"
         half_allocated(image, size)
         for name in engines:

@@ -6,7 +6,10 @@
 The data path follows ``qemu-img convert`` (QEMU's ``convert_do_copy``):
 block status first (``base:allocation``), zero/hole ranges skipped, data read
 with many requests in flight (``convert_co_do_copy`` coroutines; here NBD
-futures over one or several multi-conn connections) and written in order.
+futures over one or several multi-conn connections).  Each reply is hashed
+and written by the thread that received it, while it is still in that CPU's
+cache (see :class:`_Chunk`); the manifest is built in plan order, and the
+resume log only ever records extents whose writes are all done.
 On top: block hashes for the manifest (see :mod:`.manifest`), a resume log
 (:mod:`.state`), a progress file, and an atomic finish -- the output and the
 manifest are written as ``.partial`` files, fsync'd and renamed only when
@@ -16,12 +19,12 @@ complete, so nothing half-written looks valid and no good file is replaced.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import hashlib
 import json
 import os
+import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from ..nbd.client import ConnectionPool, NBDError, connect_uri
 from . import manifest as mf
@@ -31,16 +34,34 @@ from .output import NullOutput, Qcow2Output, RawOutput
 from .plan import make_plan, plan_from_dirty_status
 from .state import StateLog
 
-#: Bytes per pipeline item (hashed and written at once).
-CHUNK = 4 << 20
-#: Largest read request.
-REQUEST = 2 << 20
+if TYPE_CHECKING:  # imported when used: a multi-conn copy needs no executor
+    from concurrent.futures import Executor
+
+#: Bytes per pipeline item (one reused buffer; ``inflight`` of them in flight).
+CHUNK = 1 << 20
+#: Largest read request: a piece hashed and written on arrival (a multiple
+#: of the 1 MiB hash block; qsd serves 4 MiB reads slower than 1-2 MiB ones).
+REQUEST = 1 << 20
+#: Chunks in flight by default (4 MiB): the buffers stay in the CPU caches
+#: between the socket, the hash and the write.  Deeper pipelines measured
+#: slower on 2 cores (cache misses; on a busy machine, more threads of the
+#: client and of a Python server waiting for their GIL), see
+#: docs/performance.md; a link with a long round trip wants more.
+INFLIGHT = 4
+
 #: Commit (flush output, append resume log) at least every so many bytes / seconds.
 COMMIT_BYTES = 256 << 20
 COMMIT_SECONDS = 2.0
 #: Progress file updates at most this often.
 PROGRESS_INTERVAL = 0.25
 _BASE_ALLOCATION = "base:allocation"
+
+
+def default_connections() -> int:
+    """Connections by default: one per CPU, at most 4 (each connection's
+    reader thread hashes and writes what it receives; more threads than
+    CPUs only wait for each other)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _source_error(exc: BaseException, what: str = "reading the export") -> CopyError:
@@ -84,9 +105,10 @@ class Progress:
 class _Source:
     """The export: a :class:`ConnectionPool` or a caller's client."""
 
-    def __init__(self, source: Any, connections: int, contexts: List[str],
+    def __init__(self, source: Any, connections: Optional[int], contexts: List[str],
                  kwargs: Dict[str, Any]) -> None:
         self.own = isinstance(source, str)
+        connections = connections or default_connections()
         self.uri = mf.redact_uri(source) if self.own else "<client>"
         try:
             if self.own:
@@ -148,7 +170,8 @@ def _backing_name(base: str, dest: str) -> str:
 
 def copy(source: Any, dest: str, fmt: str = "raw", *, base: Optional[str] = None,
          extents: Optional[Sequence[Tuple[int, int]]] = None, dirty_bitmap: Optional[str] = None,
-         connections: int = 4, inflight: int = 16, progress_file: Optional[str] = None,
+         connections: Optional[int] = None, inflight: Optional[int] = None,
+         progress_file: Optional[str] = None,
          manifest: Optional[str] = None, resume: bool = True, overwrite: bool = False,
          commit_bytes: int = COMMIT_BYTES, **connect_kwargs: Any) -> Dict[str, Any]:
     """Pull an NBD export into ``dest``.
@@ -162,8 +185,9 @@ def copy(source: Any, dest: str, fmt: str = "raw", *, base: Optional[str] = None
     :param extents: for an incremental, the dirty ``(offset, length)`` ranges.
     :param dirty_bitmap: for an incremental, a bitmap name: the dirty ranges
         come from the export's ``qemu:dirty-bitmap:NAME`` context.
-    :param connections: connections to open when the export allows multi-conn.
-    :param inflight: 4 MiB chunks in flight.
+    :param connections: connections to open when the export allows multi-conn
+        (None: :func:`default_connections`).
+    :param inflight: :data:`CHUNK` buffers in flight (None: :data:`INFLIGHT`).
     :param progress_file: JSON progress file, updated while running.
     :param manifest: manifest path (default ``dest + ".manifest.json"``).
     :param resume: continue an interrupted copy of the same source into ``dest``.
@@ -348,11 +372,179 @@ def _base_hashes(base_doc: Dict[str, Any], off: int, length: int) -> bytes:
     return b"".join(out)
 
 
+class _Gate:
+    """Writes into the output from other threads, shut before the output is
+    flushed for the last time or closed (a read still in flight after a
+    failure must not write any more)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._closed = False
+
+    def enter(self) -> bool:
+        """Start a write; False once shut."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._active += 1
+            return True
+
+    def leave(self) -> None:
+        """A write ended."""
+        with self._cond:
+            self._active -= 1
+            if not self._active:
+                self._cond.notify_all()
+
+    def shut(self) -> None:
+        """No more writes; wait for those running."""
+        with self._cond:
+            self._closed = True
+            while self._active:
+                self._cond.wait()
+
+
+class _Chunk:
+    """One :data:`CHUNK` of a data extent in flight.
+
+    Each piece (one read request) is hashed *and written* by the thread that
+    received it, as soon as it arrived: the connection's reader thread
+    (several connections: their threads run in parallel, as hashing, the
+    zero test and ``pwrite`` release the GIL) or, with a single connection,
+    a ``hasher`` thread so that the reader keeps receiving.  The data is
+    still in that CPU's cache for the hash and the write, which matters as
+    much as the parallelism on a small machine.  The last piece done sets
+    ``ready``; the main thread then only collects the hashes, in order.
+    """
+
+    __slots__ = ("start", "off", "n", "buf", "view", "last", "left", "parts", "whole", "error",
+                 "ready", "lock", "hasher", "out", "gate")
+
+    def __init__(self, start: int, off: int, n: int, buf: bytearray, last: bool) -> None:
+        self.start = start  # the data extent's offset
+        self.off, self.n, self.buf, self.last = off, n, buf, last
+        self.view = memoryview(buf)[:n]
+        self.left = 0
+        self.parts: List[bytes] = []
+        self.whole = False
+        self.error: Optional[BaseException] = None
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+        self.hasher: Optional[Executor] = None
+        self.out: Any = None
+        self.gate: Optional[_Gate] = None
+
+    def read(self, src: "_Source", out: Any, gate: _Gate,
+             hasher: Optional[Executor]) -> None:
+        """Send the chunk's read requests (each at most ``src.max_request``).
+
+        :param out: the output written to (through ``gate``).
+        :param hasher: hash and write there instead of in the reader thread.
+        :raise NBDError: a request could not be sent.
+        """
+        self.out, self.gate, self.hasher = out, gate, hasher
+        step, off, n, view = src.max_request, self.off, self.n, self.view
+        # Requests cover whole 1 MiB blocks (each hashed on arrival) unless
+        # the server's maximum is smaller: then the chunk is done at the end.
+        self.whole = step % BLOCK != 0
+        pieces = [(p, min(step, n - p)) for p in range(0, n, step)]
+        self.parts = [b""] * len(pieces)
+        self.left = len(pieces)
+        for i, (p, k) in enumerate(pieces):
+            req = src.submit_read(off + p, k, view[p:p + k])
+            req.add_done_callback(lambda r, i=i, p=p, k=k: self._done(r, i, p, k))
+
+    def _done(self, req: Any, i: int, p: int, k: int) -> None:
+        """Piece ``i`` (``[p, p+k)`` of the chunk) arrived (reader thread)."""
+        err = req.exception(0)
+        if err is not None:
+            err = _source_error(err)
+        if self.hasher is None:
+            self._process(err, i, p, k)
+        else:
+            self.hasher.submit(self._process, err, i, p, k)
+
+    def _process(self, err: Optional[BaseException], i: int, p: int, k: int) -> None:
+        """Hash and write piece ``i``; the last piece sets ``ready``."""
+        if err is None and not self.whole:
+            err = self._hash_write(i, p, k)
+        with self.lock:
+            if err is not None and self.error is None:
+                self.error = err
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            if self.whole and self.error is None:
+                self.error = self._hash_write(0, 0, self.n)
+            self.ready.set()
+
+    def _hash_write(self, i: int, p: int, k: int) -> Optional[BaseException]:
+        """Hash ``[p, p+k)`` into part ``i`` and write it; the error, if any."""
+        view = self.view[p:p + k]
+        try:
+            self.parts[i] = _hash_blocks(view)
+        except Exception as exc:  # noqa: BLE001 - never leave the chunk unfinished
+            return _source_error(exc, "hashing")
+        if not self.gate.enter():
+            return CopyError("source", "copy stopped")
+        try:
+            self.out.write(self.off + p, view)
+        except CopyError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001
+            return CopyError("dest", "writing failed: %r" % exc)
+        finally:
+            self.gate.leave()
+        return None
+
+    def wait(self) -> bytes:
+        """The chunk's block hashes, once read, hashed and written.
+
+        :raise CopyError: ``source`` (a read failed) or ``dest`` (a write failed).
+        """
+        self.ready.wait()
+        if self.error is not None:
+            raise self.error
+        return b"".join(self.parts)
+
+
+class _BufferPool:
+    """Reused :data:`CHUNK` buffers: a new bytearray per chunk is zeroed first
+    (a memset of every byte copied) and, when malloc maps it fresh, faults in
+    every page (up to 0.2 s of system time per 512 MiB); a reused buffer is
+    also still in the CPU caches."""
+
+    def __init__(self) -> None:
+        self._free: List[bytearray] = []
+
+    def get(self) -> bytearray:
+        """A free buffer (new when none is free)."""
+        try:
+            return self._free.pop()
+        except IndexError:
+            return bytearray(CHUNK)
+
+    def put(self, buf: bytearray) -> None:
+        """Give a buffer back."""
+        self._free.append(buf)
+
+
 def _run(src: _Source, out: Any, log: StateLog, plan: Sequence[Tuple[int, int, str]],
          committed: List[Dict[str, Any]], base_doc: Optional[Dict[str, Any]],
-         progress_file: Optional[str], inflight: int,
+         progress_file: Optional[str], inflight: Optional[int],
          commit_bytes: int = COMMIT_BYTES) -> Dict[str, Any]:
-    """The copy loop: reads in flight, in-order hashing/writing, periodic commits."""
+    """The copy loop.
+
+    Every extent of the plan goes through one in-order window: data extents
+    as :class:`_Chunk` reads in flight (at most ``inflight`` chunks, each
+    hashed and written as its pieces arrive), zero, hole and unchanged
+    extents as markers, so that a hole does not stall the reads of the data
+    after it.  Draining the window in order builds the manifest entries;
+    a commit (output flush, resume log) covers only drained extents, whose
+    writes are all done.
+    """
+    inflight = max(1, inflight or INFLIGHT)
     digest = DiskDigest()
     entries: List[Dict[str, Any]] = list(committed)
     stats = collections.Counter()
@@ -362,10 +554,18 @@ def _run(src: _Source, out: Any, log: StateLog, plan: Sequence[Tuple[int, int, s
     prog = Progress(progress_file, src.size, data_total)
     prog.done = sum(e["length"] for e in committed)
     resumed_from = prog.done
-    window: Deque[Tuple[int, int, str, Any, list, bool]] = collections.deque()
+    window: Deque[Any] = collections.deque()  # _Chunk or (offset, length, kind)
+    reading = [0]  # chunks in the window
+    pool = _BufferPool()
+    gate = _Gate()
     pending: List[Dict[str, Any]] = []
     last_commit = [time.monotonic(), 0]
-    cur: Dict[str, Any] = {"hashes": [], "writes": []}
+    hashes: List[bytes] = []
+    # One connection: its reader thread only receives, two threads hash and write.
+    hasher = None
+    if len(getattr(src.conn, "clients", (src.conn,))) < 2:
+        from concurrent.futures import ThreadPoolExecutor
+        hasher = ThreadPoolExecutor(2, thread_name_prefix="nbd-copy-hash")
 
     def commit(force: bool = False) -> None:
         due = last_commit[1] >= commit_bytes or \
@@ -376,86 +576,63 @@ def _run(src: _Source, out: Any, log: StateLog, plan: Sequence[Tuple[int, int, s
             pending.clear()
             last_commit[0], last_commit[1] = time.monotonic(), 0
 
-    def complete(off: int, length: int, kind: str, hashes: Optional[bytes]) -> None:
-        entry = mf.extent_entry(off, length, kind, hashes)
+    def complete(off: int, length: int, kind: str, block_hashes: Optional[bytes]) -> None:
+        entry = mf.extent_entry(off, length, kind, block_hashes)
         entries.append(entry)
         pending.append(entry)
-        if hashes is not None:
-            digest.add(hashes)
+        if block_hashes is not None:
+            digest.add(block_hashes)
         else:
             digest.add_zero(length)
         prog.done += length
         last_commit[1] += length
         stats["bytes_" + kind] += length
+        commit()
 
     def drain_one() -> None:
-        off, length, kind, buf, reqs, last = window.popleft()
-        for r in reqs:
-            try:
-                r.result()
-            except NBDError as exc:
-                raise _source_error(exc) from None
-        # hash (pool) and write (one writer thread, in order) while more reads arrive
-        cur["hashes"].append(hasher.submit(_hash_blocks, buf))
-        cur["writes"].append(writer.submit(out.write, off, buf))
-        prog.copied += len(buf)
-        if last:
-            wait_writes()
-            start = cur.pop("start")
-            complete(start, off + len(buf) - start, "data",
-                     b"".join(f.result() for f in cur["hashes"]))
-            cur["hashes"] = []
-            commit()
+        item = window[0]
+        if isinstance(item, _Chunk):
+            hashes.append(item.wait())
+            window.popleft()
+            reading[0] -= 1
+            pool.put(item.buf)
+            prog.copied += item.n
+            if item.last:
+                complete(item.start, item.off + item.n - item.start, "data", b"".join(hashes))
+                hashes.clear()
+        else:
+            window.popleft()
+            off, length, kind = item
+            if kind == "unchanged":
+                complete(off, length, kind, _base_hashes(base_doc or {}, off, length))
+            else:
+                out.write_zeroes(off, length)
+                complete(off, length, kind, None)
         prog.update()
 
-    def wait_writes(quiet: bool = False) -> None:
-        writes, cur["writes"] = cur["writes"], []
-        for f in writes:
-            try:
-                f.result()
-            except CopyError:
-                if not quiet:
-                    raise
-
-    def flush_window() -> None:
-        while window:
-            drain_one()
-
-    hasher = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="nbd-copy-hash")
-    writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbd-copy-write")
     try:
         for off, length, kind in plan[len(committed):]:
             if kind != "data":
-                flush_window()
-                if kind == "unchanged":
-                    complete(off, length, kind, _base_hashes(base_doc or {}, off, length))
-                else:
-                    out.write_zeroes(off, length)
-                    complete(off, length, kind, None)
-                commit()
-                prog.update()
+                window.append((off, length, kind))
                 continue
-            cur.setdefault("start", off)
             end = off + length
             for o in range(off, end, CHUNK):
-                n = min(CHUNK, end - o)
-                buf = bytearray(n)
-                view = memoryview(buf)
+                chunk = _Chunk(off, o, min(CHUNK, end - o), pool.get(), o + CHUNK >= end)
                 try:
-                    reqs = [src.submit_read(p, min(src.max_request, o + n - p),
-                                            view[p - o:p - o + min(src.max_request, o + n - p)])
-                            for p in range(o, o + n, src.max_request)]
+                    chunk.read(src, out, gate, hasher)
                 except NBDError as exc:
                     raise _source_error(exc) from None
-                window.append((o, n, kind, buf, reqs, o + n >= end))
-                if len(window) >= inflight:
+                window.append(chunk)
+                reading[0] += 1
+                while reading[0] >= inflight:
                     drain_one()
-        flush_window()
+        while window:
+            drain_one()
+        gate.shut()
         commit(force=True)
     except CopyError as exc:
-        wait_writes(quiet=True)  # no write may run while the output is flushed/closed
+        gate.shut()  # no write may run while the output is flushed/closed
         if exc.kind == "source":
-            window.clear()
             try:
                 commit(force=True)  # keep what was written: the resume starts after it
             except CopyError:
@@ -463,16 +640,16 @@ def _run(src: _Source, out: Any, log: StateLog, plan: Sequence[Tuple[int, int, s
         prog.update(force=True, status="failed")
         raise
     finally:
-        wait_writes(quiet=True)
-        writer.shutdown(wait=True)
-        hasher.shutdown(wait=True)
+        gate.shut()
+        if hasher is not None:
+            hasher.shutdown(wait=True)
     return {"entries": entries, "disk_sha256": digest.hexdigest(),
             "bytes_copied": stats["bytes_data"], "bytes_zero": stats["bytes_zero"],
             "bytes_hole": stats["bytes_hole"], "bytes_unchanged": stats["bytes_unchanged"],
             "resumed_from": resumed_from}
 
 
-def export_digest(source: Any, connections: int = 4, inflight: int = 16,
+def export_digest(source: Any, connections: Optional[int] = None, inflight: Optional[int] = None,
                   **connect_kwargs: Any) -> Dict[str, Any]:
     """Whole-disk digest and block hashes of a live export (nothing written)."""
     src = _Source(source, connections, [_BASE_ALLOCATION], connect_kwargs)
