@@ -13,7 +13,11 @@ the child):
   nbdcopy    nbdcopy URI out.raw                             (raw only)
 
 Then a 1 TiB empty (null-co, read-zeroes) export pulled into qcow2 by nbd_copy and by
-qemu-img convert, in seconds.  With --verify (default) every output is compared with
+qemu-img convert, in seconds.  Then the incremental: a writable copy of the image with
+a dirty bitmap exported (``qemu:dirty-bitmap:b0``), a full nbd_copy pull into qcow2,
+1% of the disk rewritten (64 KiB pieces spread over the disk, through NBD), and an
+incremental pull (``--base`` the full, ``--dirty-bitmap b0``): its time relative to the
+full, and the result compared with the disk (qemu-img compare through the chain).  With --verify (default) every output is compared with
 the image (qemu-img compare).  MiB/s are of the virtual size, from the median run
 (the best run in the JSON too); the ratio copy-q/qemu-img of the medians is the
 target (>= 1.0).  --json PATH writes everything.  Standard library only.
@@ -61,6 +65,38 @@ def null_args(_image: Path, workdir: Path) -> list[str]:
             "--export", f"type=nbd,id=exp0,node-name=src0,name={EXPORT}",
             "--chardev", f"socket,path={workdir / 'qmp.sock'},server=on,wait=off,id=qmp0",
             "--monitor", "chardev=qmp0"]
+
+
+def rw_args(image: Path, workdir: Path) -> list[str]:
+    """qsd arguments: a writable copy of IMAGE, exported later over QMP (with a bitmap)."""
+    copy = workdir / "inc-image.raw"
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    return ["--blockdev", f"driver=file,node-name=file0,filename={copy}",
+            "--blockdev", "driver=raw,node-name=src0,file=file0",
+            "--nbd-server", f"addr.type=unix,addr.path={workdir / 'nbd.sock'}",
+            "--chardev", f"socket,path={workdir / 'qmp.sock'},server=on,wait=off,id=qmp0",
+            "--monitor", "chardev=qmp0"]
+
+
+def qmp(workdir: Path, *commands: tuple) -> list:
+    """Run (name, arguments) QMP commands on WORKDIR/qmp.sock; their returns."""
+    import json
+    import socket
+    out = []
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(workdir / "qmp.sock"))
+        f = s.makefile("rb")
+        f.readline()
+        for name, arguments in (("qmp_capabilities", {}), *commands):
+            s.sendall(json.dumps({"execute": name, "arguments": arguments}).encode())
+            while True:
+                reply = json.loads(f.readline())
+                if "event" not in reply:
+                    break
+            if "error" in reply:
+                raise RuntimeError(f"{name}: {reply['error']['desc']}")
+            out.append(reply["return"])
+    return out[1:]
 
 
 def half_allocated(path: Path, size: int) -> None:
@@ -139,8 +175,45 @@ def bench_engine(name: str, args, image: Path, work: Path) -> dict:
                                                          for _r in range(args.runs)), 3)
                 clean(out)
 
+    def incremental(eng, res: dict) -> None:
+        from blockd.nbd.client import connect_uri   # the bench runs with blockd on PYTHONPATH
+        full, inc = eng.workdir / "full.qcow2", eng.workdir / "inc.qcow2"
+        fulls, incs = [], []
+        for _run in range(args.runs):
+            for path in (full, inc):
+                clean(path)
+            # an exported bitmap is busy (cannot be cleared): a new bitmap and export per run
+            bitmap, export = f"b{_run}", f"inc{_run}"
+            qmp(eng.workdir, ("block-dirty-bitmap-add", {"node": "src0", "name": bitmap}),
+                ("block-export-add", {"type": "nbd", "id": export, "node-name": "src0",
+                                      "name": export, "writable": True, "bitmaps": [bitmap]}))
+            uri = f"nbd+unix:///{export}?socket={eng.workdir / 'nbd.sock'}"
+            fulls.append(timed(copy_cmd(uri, full, "qcow2"), args.timeout))
+            size = args.size_mib * MiB
+            pieces = max(1, size // 100 // (64 << 10))
+            with connect_uri(uri) as client:
+                for i in range(pieces):
+                    client.pwrite(i * (size // pieces), os.urandom(64 << 10))
+                client.flush()
+            incs.append(timed(copy_cmd(uri, inc, "qcow2")
+                              + ["--base", str(full), "--dirty-bitmap", bitmap], args.timeout))
+            if args.verify and _run == 0:
+                cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2",
+                                      str(eng.workdir / "inc-image.raw"), str(inc)],
+                                     capture_output=True, text=True, timeout=args.timeout,
+                                     check=False)
+                res["incremental_verified"] = cmp.returncode == 0
+                if cmp.returncode:
+                    res["error"] = f"incremental: output differs: {cmp.stdout}{cmp.stderr}"
+        res["incremental_full_seconds"] = round(statistics.median(fulls), 3)
+        res["incremental_seconds"] = round(statistics.median(incs), 3)
+        res["incremental_ratio"] = round(statistics.median(incs) / statistics.median(fulls), 3)
+        for path in (full, inc):
+            clean(path)
+
     res = run_engine(name, args, image, work, body, make_args=ro_args)
     res.update(run_engine(name, args, image, work, sparse, make_args=null_args))
+    res.update(run_engine(name, args, image, work, incremental, make_args=rw_args))
     return res
 
 
@@ -150,6 +223,11 @@ def print_table(results: dict, engines: list[str]) -> None:
     for metric, label in (("qemu_img", "1 TiB sparse: qemu-img convert (s)"),
                           ("copy_qcow2", "1 TiB sparse: nbd_copy (s)")):
         print(f"{label:36}" + "".join(f"{eng[e].get(f'tib_{metric}_seconds', float('nan')):>10.3f}"
+                                      for e in engines))
+    for key, label in (("incremental_full_seconds", "full pull, qcow2 (s)"),
+                       ("incremental_seconds", "incremental after 1% changed (s)"),
+                       ("incremental_ratio", "incremental / full")):
+        print(f"{label:36}" + "".join(f"{eng[e].get(key, float('nan')):>10.3f}"
                                       for e in engines))
     print(f"{'CPU s (median): ' + ', '.join(m for m, _l in METRICS):36}")
     for e in engines:

@@ -98,3 +98,16 @@ def test_fleecing_bench_runs_and_writes_json(tmp_path, mode):
         assert set(r) >= {"plain_mibs", "cow_mibs", "fleece_mibs", "cow_ratio"}
     assert set(result["ratio_blockd_qsd"]) >= {"plain", "cow", "fleece", "cow_ratio"}
     assert "CoW ratio" in proc.stdout
+
+
+def test_copy_bench_runs_and_writes_json(tmp_path):
+    proc, result = run_bench("copy_throughput.py", tmp_path, "--size-mib", "16")
+    for engine in ("qsd", "blockd"):
+        r = result["engines"][engine]
+        assert "error" not in r, r
+        for metric in ("qemu_img", "copy_qcow2", "copy_raw", "nbdcopy"):
+            assert r[f"{metric}_verified"] is True, metric
+        assert r["incremental_verified"] is True
+        assert 0 < r["incremental_seconds"] and 0 < r["incremental_ratio"]
+        assert r["tib_copy_qcow2_seconds"] > 0
+    assert "incremental / full" in proc.stdout
