@@ -176,7 +176,8 @@ def bench_engine(name: str, args, image: Path, work: Path) -> dict:
                 clean(out)
 
     def incremental(eng, res: dict) -> None:
-        from blockd.nbd.client import connect_uri   # the bench runs with blockd on PYTHONPATH
+        sys.path.insert(0, str(REPO / "plugins" / "module_utils"))
+        from blockd.nbd.client import connect_uri  # pylint: disable=import-outside-toplevel
         full, inc = eng.workdir / "full.qcow2", eng.workdir / "inc.qcow2"
         fulls, incs = [], []
         for _run in range(args.runs):
