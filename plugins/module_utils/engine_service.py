@@ -69,6 +69,21 @@ def install(archive, sha256, version, install_dir, check_mode=False):
     return dest, True
 
 
+def missing_dependency(python):
+    """None if PYTHON can import what blockd needs, else a message naming what is missing."""
+    try:
+        proc = subprocess.run([python, "-c", "import jsonschema"], capture_output=True,
+                              text=True, check=False, timeout=60)
+    except OSError as exc:
+        return "cannot run the Python interpreter %s for blockd: %s" % (python, exc)
+    if proc.returncode != 0:
+        return ("blockd needs the Python package jsonschema, which %s cannot import; install "
+                "the distribution's package (python3-jsonschema on Debian/Ubuntu/Fedora; the "
+                "blockdev.fleecing.blockd role does it) or choose another interpreter with the "
+                "python option" % python)
+    return None
+
+
 def systemd_running():
     """True when systemd is the init system (``/run/systemd/system`` exists)."""
     return os.path.isdir("/run/systemd/system")

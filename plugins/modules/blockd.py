@@ -13,8 +13,8 @@ module: blockd
 short_description: Install, start and stop the block engine on a target host
 version_added: 0.1.0
 description:
-  - Runs the engine that the other modules of this collection drive over QMP:
-    V(blockd), the collection's own engine, or a real C(qemu-storage-daemon).
+  - Runs the engine that the other modules of this collection drive over QMP,
+    V(blockd) (the collection's own engine) or a real C(qemu-storage-daemon).
   - For V(blockd) the engine is copied from this collection (no pip, no network)
     into O(install_dir)/C(<version>-<sha>); an identical copy is reused.
   - Under systemd the engine runs as a unit; elsewhere as a detached process in
@@ -83,7 +83,7 @@ notes:
   - The QMP socket is created by the engine; keep O(run_dir) mode 0750 or stricter
     (the module creates it so) because whoever can open the socket controls the engine.
 author:
-  - blockdev.fleecing contributors
+  - blockdev.fleecing contributors (!UNKNOWN)
 """
 
 EXAMPLES = r"""
@@ -148,7 +148,7 @@ import sys
 
 from ansible_collections.blockdev.fleecing.plugins.module_utils.common import BlockdModule
 from ansible_collections.blockdev.fleecing.plugins.module_utils.engine_service import (
-    Service, ServiceError, install, systemd_running)
+    Service, ServiceError, install, missing_dependency, systemd_running)
 
 
 def _settings(mod, install_path):
@@ -194,6 +194,10 @@ def main():
                                               p["_engine_version"], p["install_dir"], check)
             mod.result["changed"] = installed
         settings = _settings(mod, install_path)
+        if p["engine"] == "blockd" and state in ("started", "restarted"):
+            problem = missing_dependency(settings["python"])
+            if problem:
+                mod.fail(problem)
         svc = Service(settings, manager, p["timeout"])
         saved = svc.saved()
         pid = svc.pid()

@@ -91,3 +91,14 @@ def test_internal_options_cannot_be_set_by_the_user(ansible, service):
     assert not res["failed"], res   # the action plugin drops them and sends the real engine
     assert res["install_path"].startswith(service["install_dir"] + "/0.1.0-")
     assert ansible.module("blockd", dict(service, state="absent"))["changed"] is True
+
+
+def test_interpreter_without_jsonschema_is_named(ansible, service, tmp_path):
+    import subprocess
+    bare = tmp_path / "bare-venv"   # a Python that sees only the standard library
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(bare)], check=True)
+    res = ansible.module("blockd", dict(service, python=str(bare / "bin" / "python3")))
+    assert res["failed"] is True
+    assert res["msg"].startswith("blockd needs the Python package jsonschema, which "
+                                 f"{bare}/bin/python3 cannot import"), res["msg"]
+    assert not Path(service["run_dir"], "engine.json").exists()
