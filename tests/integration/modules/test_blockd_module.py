@@ -25,7 +25,11 @@ def service(ansible, tmp_path):
 
 
 def _alive(pid):
-    return Path(f"/proc/{pid}").exists()
+    """Running (a zombie whose parent has not reaped it yet is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_blockd_started_is_idempotent_and_restarts_on_new_settings(ansible, service, tmp_path):
