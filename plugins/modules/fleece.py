@@ -79,7 +79,7 @@ seealso:
   - module: blockdev.fleecing.nbd_copy
   - module: blockdev.fleecing.blockd
 author:
-  - blockdev.fleecing contributors
+  - blockdev.fleecing contributors (!UNKNOWN)
 """
 
 EXAMPLES = r"""

@@ -221,9 +221,9 @@ class Startup:
         """``--object``: the keyval options typed as ObjectOptions, then
         ``object-add`` (user_creatable_process_cmdline)."""
         if text == "help":
-            print("List of user creatable objects:")
+            sys.stdout.write("List of user creatable objects:\n")
             for name in OBJECT_TYPES:
-                print("  %s" % name)
+                sys.stdout.write("  %s\n" % name)
             raise SystemExit(0)
         self.execute("object-add", self.typed("object-add", text, "qom-type"))
 
@@ -280,7 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except StartupError as exc:
         sys.stderr.write("%s: %s\n" % (PROG, exc))
         return 1
-    names = [name for name, _ in options]
+    names = [name for name, _value in options]
     if "-h" in names or "--help" in names:
         sys.stdout.write(USAGE % {"prog": PROG, "version": __version__,
                                   "qemu": "%(major)d.%(minor)d" % QEMU_VERSION})

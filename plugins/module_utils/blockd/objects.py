@@ -358,7 +358,7 @@ def _throttle_class_props() -> Tuple[Tuple[str, str], ...]:
     """The class properties in qom-list order: the reverse of the GLib hash
     table of throttle_group_obj_class_init()."""
     table = GHashSet()
-    for name, _, _ in _LEGACY:
+    for name, _kind, _default in _LEGACY:
         table.insert(name)
     table.insert("limits")
     names = [k for k in table.keys if k is not None]
@@ -428,7 +428,8 @@ class ThrottleGroupObject(QOMObject):
     def complete(self) -> None:
         """throttle_group_obj_complete()."""
         self.group.name = self.name
-        assert self.registry is not None
+        if self.registry is None:
+            raise AssertionError("object registry missing")
         if self.name in self.registry:
             raise QMPError("A group with this name already exists")
         cfg = self.group.ts.get_config()
@@ -478,7 +479,8 @@ class ObjectTree:
         if obj is None:
             obj = Container()
             self.root.add_child(name, obj)
-        assert isinstance(obj, Container)
+        if not isinstance(obj, Container):
+            raise AssertionError("not a container: %r" % (obj,))
         return obj
 
     def add_chardev(self, cid: str, opts: Dict[str, Any], sock: Any,
@@ -621,7 +623,7 @@ class ObjectTree:
     def _partial(self, obj: QOMObject, parts: List[str]) -> "Tuple[Optional[QOMObject], bool]":
         """object_resolve_partial_path(): (match, ambiguous)."""
         found = self._abs(obj, parts)
-        for _, child in obj.children():
+        for _name, child in obj.children():
             sub, ambiguous = self._partial(child, parts)
             if ambiguous:
                 return None, True

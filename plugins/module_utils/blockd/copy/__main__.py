@@ -29,7 +29,7 @@ def _ranges(text: str) -> List[Tuple[int, int]]:
     """``OFF:LEN,OFF:LEN`` (bytes)."""
     out = []
     for part in filter(None, text.split(",")):
-        off, _, length = part.partition(":")
+        off, _sep, length = part.partition(":")
         out.append((int(off, 0), int(length, 0)))
     return out
 
@@ -74,8 +74,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> "NoReturn":  # type: ignore[override]
         self.print_usage(sys.stderr)
-        print(dumps({"status": "error", "error": "usage", "message": message}))
-        sys.exit(1)
+        sys.stdout.write(dumps({"status": "error", "error": "usage", "message": message}) + "\n")
+        raise SystemExit(1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,8 +89,8 @@ def parser() -> argparse.ArgumentParser:
     pull.add_argument("--base", help="previous backup: write an incremental qcow2 overlay")
     pull.add_argument("--extents", type=_ranges, help="dirty ranges OFF:LEN,... (incremental)")
     pull.add_argument("--dirty-bitmap", help="take dirty ranges from qemu:dirty-bitmap:NAME")
-    pull.add_argument("--connections", type=int, default=4)
-    pull.add_argument("--inflight", type=int, default=16)
+    pull.add_argument("--connections", type=int, help="default: one per CPU, at most 4")
+    pull.add_argument("--inflight", type=int, help="1 MiB reads in flight (default 4)")
     pull.add_argument("--progress-file")
     pull.add_argument("--manifest")
     pull.add_argument("--no-resume", action="store_true")
@@ -146,14 +146,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             _connect_kwargs(args, None)  # --ssh-* without --against: a usage error
             res = verify(args.dest, args.manifest)
     except CopyError as exc:
-        print(dumps(exc.to_dict()))
+        sys.stdout.write(dumps(exc.to_dict()) + "\n")
         return exc.exit_code
     except KeyboardInterrupt:
-        print(dumps({"status": "error", "error": "interrupted", "message": "interrupted"}))
+        sys.stdout.write(dumps({"status": "error", "error": "interrupted",
+                                "message": "interrupted"}) + "\n")
         return 130
-    print(dumps(res))
+    sys.stdout.write(dumps(res) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

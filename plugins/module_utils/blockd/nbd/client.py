@@ -500,7 +500,7 @@ class NBDClient:
 
     def _simple_reply(self, header: bytearray) -> None:
         """``nbd_receive_simple_reply`` + the READ payload."""
-        _, error, cookie = proto.SIMPLE_REPLY.unpack_from(header)
+        _magic, error, cookie = proto.SIMPLE_REPLY.unpack_from(header)
         req = self._lookup(cookie)
         if error:
             req._fail(NBDCommandError(req.cmd, error, req.offset, req.length))
@@ -520,7 +520,7 @@ class NBDClient:
 
     def _chunk(self, header: bytearray) -> None:
         """One structured chunk (``nbd_co_do_receive_one_chunk``)."""
-        _, flags, rtype, cookie, length = proto.CHUNK.unpack_from(header)
+        _magic, flags, rtype, cookie, length = proto.CHUNK.unpack_from(header)
         req = self._lookup(cookie)
         if rtype == proto.REPLY_TYPE_NONE:
             if length or not flags & proto.REPLY_FLAG_DONE:
@@ -692,7 +692,7 @@ class ConnectionPool:
         self.clients: List[NBDClient] = [first]
         try:
             if first.info.can_multi_conn:
-                for _ in range(max(0, connections - 1)):
+                for _i in range(max(0, connections - 1)):
                     self.clients.append(factory())
         except BaseException:
             self.close()

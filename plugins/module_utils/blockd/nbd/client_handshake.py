@@ -391,12 +391,12 @@ class Handshake:
             if kind == proto.INFO_EXPORT:
                 if len(payload) != proto.INFO_EXPORT_PAYLOAD.size:
                     raise NBDProtocolError("NBD_INFO_EXPORT of %d bytes" % len(payload))
-                _, info.size, info.flags = proto.INFO_EXPORT_PAYLOAD.unpack(payload)
+                _kind, info.size, info.flags = proto.INFO_EXPORT_PAYLOAD.unpack(payload)
                 seen_export = True
             elif kind == proto.INFO_BLOCK_SIZE:
                 if len(payload) != proto.INFO_BLOCK_SIZE_PAYLOAD.size:
                     raise NBDProtocolError("NBD_INFO_BLOCK_SIZE of %d bytes" % len(payload))
-                _, mn, pref, mx = proto.INFO_BLOCK_SIZE_PAYLOAD.unpack(payload)
+                _kind, mn, pref, mx = proto.INFO_BLOCK_SIZE_PAYLOAD.unpack(payload)
                 if mn < 1 or mn & (mn - 1) or mn > 65536 or pref & (pref - 1) or pref < mn \
                         or mx < mn:
                     raise NBDProtocolError("invalid block sizes min=%d preferred=%d max=%d"

@@ -244,14 +244,21 @@ def _open_streamlocal(transport: Any, path: str, window_size: int, timeout: floa
     deadline = time.monotonic() + timeout
     while not event.wait(0.1):
         if not transport.active:
-            raise transport.get_exception() or pm.SSHException("SSH connection lost")
+            raise _saved_error(transport) or pm.SSHException("SSH connection lost")
         if time.monotonic() > deadline:
             raise pm.SSHException("the SSH server did not answer the channel request "
                                   "within %s s" % timeout)
     chan = transport._channels.get(chanid)
     if chan is not None:
         return chan
-    raise transport.get_exception() or pm.SSHException("Unable to open channel.")
+    raise _saved_error(transport) or pm.SSHException("Unable to open channel.")
+
+
+def _saved_error(transport: Any) -> Optional[BaseException]:
+    """Take the exception paramiko saved for the transport (as its own accessor does)."""
+    with transport.lock:
+        exc, transport.saved_exception = transport.saved_exception, None
+    return exc
 
 
 # -- the socket-like channel ---------------------------------------------------------------
@@ -596,7 +603,8 @@ def open_uri_channel(parsed: NBDURI, kwargs: Dict[str, Any]) -> SSHChannelSocket
             entry = _SHARED[key] = [tunnel, 0]
         entry[1] += 1
         tunnel = entry[0]
-    assert tunnel is not None
+    if tunnel is None:
+        raise AssertionError("no SSH tunnel")
     try:
         return tunnel.open_nbd(parsed, timeout, lambda: _release(key, tunnel))
     except BaseException:

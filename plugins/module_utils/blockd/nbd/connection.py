@@ -513,7 +513,7 @@ class NBDConnection:
         out = []
         for seg in segs:
             if seg[0] == SEG_FD:
-                _, fd, foff, n = seg
+                _kind, fd, foff, n = seg
                 view = buf[pos:pos + n]
                 done = 0
                 while done < n:
@@ -636,8 +636,8 @@ class NBDConnection:
             return self._past_eof(cookie, proto.NBD_ENOSPC, offset, length, size)
         gate.enter()
         try:
-            self._root(backend, offset + length).pwrite(offset, buf,
-                                                       REQ_FUA if flags & CMD_FLAG_FUA else 0)
+            self._root(backend, offset + length).pwrite(
+                offset, buf, REQ_FUA if flags & CMD_FLAG_FUA else 0)
         except Exception as exc:
             failure: Optional[BaseException] = exc
         else:
@@ -762,4 +762,3 @@ def describe_peer(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return "%s:%s" % (addr[0], addr[1])
     return str(addr) if addr else "unix"
-

@@ -277,7 +277,8 @@ class _Negotiation:
     def starttls(self) -> None:
         """nbd_negotiate_handle_starttls(): ACK, handshake, check the client."""
         ctx = self.tls_pending
-        assert ctx is not None
+        if ctx is None:
+            raise AssertionError("TLS context missing")
         self.send(self.reply(REP_ACK))
         stream = TLSStream(self.sock, ctx, server_side=True)
         self._arm()
@@ -332,7 +333,7 @@ class _Negotiation:
         name = self.opt_name()
         (nreq,) = U16.unpack(self.opt_read(2))
         sendname = blocksize = False
-        for _ in range(nreq):
+        for _i in range(nreq):
             (req,) = U16.unpack(self.opt_read(2))
             if req == proto.INFO_NAME:
                 sendname = True
@@ -395,7 +396,7 @@ class _Negotiation:
         selected = {}
         if listing and not nqueries:
             selected = {ctx.id: ctx for ctx in exp.contexts}
-        for _ in range(nqueries):
+        for _i in range(nqueries):
             (length,) = U32.unpack(self.opt_read(4))
             if length > proto.MAX_STRING_SIZE:
                 if length > self.optlen:

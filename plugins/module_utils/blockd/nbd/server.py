@@ -141,7 +141,7 @@ def _listen_inet(addr: Dict[str, Any], backlog: int) -> List[socket.socket]:
     socks: List[socket.socket] = []
     first_error: Optional[str] = None
     seen = set()
-    for fam, stype, proto_, _, sockaddr in infos:
+    for fam, stype, proto_, _canon, sockaddr in infos:
         if (fam, sockaddr) in seen:
             continue
         seen.add((fam, sockaddr))

@@ -301,7 +301,7 @@ def _pump(client: Any, server: Any, cbio: Any, sbio: Any) -> Optional[BaseExcept
     c_in, c_out = cbio
     s_in, s_out = sbio
     done = {"c": False, "s": False}
-    for _ in range(50):
+    for _i in range(50):
         for key, obj in (("c", client), ("s", server)):
             if done[key]:
                 continue
@@ -361,7 +361,7 @@ def _sanity_check(server: bool, ca: str, cert: Optional[str], key: Optional[str]
         return  # reported with the right text when the context is built
     judge.check_hostname = False
     judge.verify_mode = ssl.CERT_REQUIRED
-    bios = [(ssl.MemoryBIO(), ssl.MemoryBIO()) for _ in range(2)]
+    bios = [(ssl.MemoryBIO(), ssl.MemoryBIO()) for _i in range(2)]
     if server:
         client = judge.wrap_bio(*bios[0], server_side=False)
         srv = holder.wrap_bio(*bios[1], server_side=True)
@@ -394,7 +394,8 @@ def load_x509(directory: str, endpoint: str = "server", verify_peer: bool = True
     server = endpoint == "server"
     role = "server" if server else "client"
     ca = _cred_path(directory, "ca-cert.pem", True)
-    assert ca is not None
+    if ca is None:
+        raise AssertionError("CA missing")
     crl = _cred_path(directory, "ca-crl.pem", False) if server else None
     cert = _cred_path(directory, "%s-cert.pem" % role, server)
     key = _cred_path(directory, "%s-key.pem" % role, server)
