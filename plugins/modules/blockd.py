@@ -78,6 +78,17 @@ options:
   python:
     description: Python interpreter that runs blockd. Default the one running this module.
     type: path
+  _engine_archive:
+    description:
+      - Internal, set by the action plugin (the engine archive it sent); values given in a
+        task are dropped.
+    type: path
+  _engine_sha256:
+    description: Internal, set by the action plugin (the archive's sha256).
+    type: str
+  _engine_version:
+    description: Internal, set by the action plugin (blockd's version).
+    type: str
 notes:
   - The O(socket) option (QMP monitor) defaults to C(/run/blockd/qmp.sock), inside the default O(run_dir).
   - The QMP socket is created by the engine; keep O(run_dir) mode 0750 or stricter
