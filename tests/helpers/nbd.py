@@ -93,3 +93,39 @@ def nbdcopy(src: str | Path, dst: str | Path, *extra: str, timeout: float = 120)
     """``nbdcopy [EXTRA] SRC DST`` (libnbd-bin); SRC/DST are URIs, files, ``null:`` or ``-``."""
     exe = require_tool("nbdcopy", "libnbd-bin")
     return run([exe, *extra, str(src), str(dst)], timeout=timeout)
+
+
+def hammer(client, threads: int = 4, rounds: int = 6, wait: float = 60.0) -> list:
+    """Four threads writing and reading their own 4 MiB regions through one client at once.
+
+    Each round submits a random write and three reads of the region, waits for all
+    of them, then reads the write back.  Returns the exceptions the threads met
+    (an empty list when everything came back right): one connection's stream is
+    shared by a reader and several writers (TLS objects must never be entered twice).
+    """
+    import random  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    mib = 1 << 20
+    errors: list = []
+
+    def worker(i: int) -> None:
+        rnd = random.Random(i)
+        region = i * 4 * mib
+        try:
+            for _round in range(rounds):
+                blob = rnd.randbytes(rnd.randint(1, mib))
+                off = region + rnd.randrange(4 * mib - len(blob))
+                reqs = [client.submit_write(off, blob)]
+                reqs += [client.submit_read(region, 4 * mib) for _r in range(3)]
+                for req in reqs:
+                    req.result(wait)
+                if client.pread(off, len(blob), timeout=wait) != blob:
+                    raise AssertionError(f"thread {i}: read back differs at {off}")
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors.append(exc)
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(wait)
+    return errors

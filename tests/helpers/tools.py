@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -91,3 +93,23 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def copy_cli(*args, python: str = sys.executable, check: int | None = None,
+             timeout: float = 120) -> tuple[int, dict]:
+    """Run nbd_copy's CLI (``python -m blockd.copy ARGS``) from this checkout.
+
+    Returns (exit code, its one JSON line); CHECK asserts the exit code.  No
+    ssh-agent is passed on, so SSH tests see only the keys they name.
+    """
+    from .daemon import MODULE_UTILS  # pylint: disable=import-outside-toplevel
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    env["PYTHONPATH"] = str(MODULE_UTILS)
+    p = subprocess.run([python, "-m", "blockd.copy", *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1, (p.stdout, p.stderr)
+    res = json.loads(lines[0])
+    if check is not None:
+        assert p.returncode == check, (p.returncode, res, p.stderr)
+    return p.returncode, res

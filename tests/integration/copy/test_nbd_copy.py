@@ -16,6 +16,7 @@ import time
 import pytest
 
 from helpers import MiB, qemu_img, tmpfs
+from helpers.tools import copy_cli as cli
 from helpers.daemon import MODULE_UTILS
 
 from blockd.copy import CopyError, copy, verify, verify_against
@@ -49,17 +50,6 @@ def serve(daemon, engine, image, fmt="raw", name="x", writable=False):
                nbd=True)
     return d, d.nbd_uri(name)
 
-
-def cli(*args, check=None, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(MODULE_UTILS)}
-    p = subprocess.run([sys.executable, "-m", "blockd.copy", *map(str, args)],
-                       capture_output=True, text=True, env=env, timeout=timeout)
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1, (p.stdout, p.stderr)
-    res = json.loads(lines[0])
-    if check is not None:
-        assert p.returncode == check, (p.returncode, res, p.stderr)
-    return p.returncode, res
 
 
 def compare(a, fa, b, fb):

@@ -20,6 +20,7 @@ import pytest
 from blockd.nbd import client as nbdc
 from blockd.nbd import proto
 from helpers import MiB, nbdinfo_json, qemu_img, qemu_io, require_tool, run
+from helpers.nbd import hammer
 from helpers.pki import pki  # noqa: F401  (a pytest fixture)
 
 from .conftest import HOLE, SIZE, expected_content
@@ -370,24 +371,5 @@ def test_tls_many_threads_read_and_write(daemon, pki, image):
     """One TLS stream shared by a reader thread and several writer threads."""
     d = _tls_qsd(daemon, pki, image, "off")
     ctx = nbdc.tls_context(str(pki / "ca-cert.pem"))
-    errors = []
     with nbdc.connect(d.nbd_socket, "x", tls=ctx, tls_hostname="localhost") as c:
-        def worker(i):
-            rnd = random.Random(i)
-            region = i * 4 * MiB
-            try:
-                for _ in range(8):
-                    blob = rnd.randbytes(rnd.randint(1, MiB))
-                    off = region + rnd.randrange(4 * MiB - len(blob))
-                    writes = [c.submit_write(off, blob)]
-                    reads = [c.submit_read(region, 4 * MiB) for _ in range(3)]
-                    _ = [r.result(WAIT) for r in writes + reads]
-                    assert c.pread(off, len(blob), timeout=WAIT) == blob
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT)
-    assert errors == []
+        assert hammer(c, rounds=8, wait=WAIT) == []

@@ -13,9 +13,7 @@ missing socket) must be a clear error that leaves no output file behind.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
@@ -24,25 +22,12 @@ from blockd.nbd import client as nbdc
 from blockd.nbd.client_ssh import (NBDSSHError, SSHAuthError, SSHChannelError, SSHHostKeyError,
                                    SSHTunnel)
 from helpers import missing, nbd_uri
-from helpers.daemon import MODULE_UTILS
+from helpers.tools import copy_cli as cli
 from helpers.pki import pki  # noqa: F401  (a pytest fixture)
 from helpers.sshd import free_port, keygen, sshd  # noqa: F401  (a pytest fixture)
 
 from .conftest import SIZE, expected_content, wait_until
 
-
-def cli(*args, python=sys.executable, check=None, timeout=120):
-    """Run nbd_copy's CLI; returns (exit code, the JSON line)."""
-    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}  # no agent keys
-    env["PYTHONPATH"] = str(MODULE_UTILS)
-    p = subprocess.run([python, "-m", "blockd.copy", *map(str, args)], capture_output=True,
-                       text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1, (p.stdout, p.stderr)
-    res = json.loads(lines[0])
-    if check is not None:
-        assert p.returncode == check, (p.returncode, res, p.stderr)
-    return p.returncode, res
 
 
 def ssh_opts(server, known_hosts=None, identity=None):

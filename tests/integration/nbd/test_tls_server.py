@@ -14,14 +14,12 @@ import errno
 import hashlib
 import json
 import os
-import random
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 
 import pytest
 
@@ -30,6 +28,7 @@ from blockd.nbd import client as nbdc
 from blockd.nbd import proto
 from helpers import MiB, qemu_img, require_module, require_tool, run
 from helpers.daemon import MODULE_UTILS
+from helpers.nbd import hammer
 from helpers.pki import pki  # noqa: F401  (a pytest fixture)
 
 from .conftest import HOLE, SIZE, expected_content
@@ -115,30 +114,10 @@ def test_tls_blockd_client_many_threads(daemon, engine, pki, image):
     """One TLS stream, a reader thread and several writer threads on the client;
     pipelined reads and writes through the server's TLS data path."""
     d = _serve(daemon, engine, pki, image)
-    errors = []
     with _connect(d, pki) as c:
         assert c.info.tls and c.info.size == SIZE
         assert c.pread(0, SIZE) == expected_content()
-
-        def worker(i):
-            rnd = random.Random(i)
-            region = i * 4 * MiB
-            try:
-                for _ in range(6):
-                    blob = rnd.randbytes(rnd.randint(1, MiB))
-                    off = region + rnd.randrange(4 * MiB - len(blob))
-                    writes = [c.submit_write(off, blob)]
-                    reads = [c.submit_read(region, 4 * MiB) for _ in range(3)]
-                    _ = [r.result(WAIT) for r in writes + reads]
-                    assert c.pread(off, len(blob), timeout=WAIT) == blob
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT)
-    assert errors == []
+        assert hammer(c, rounds=6, wait=WAIT) == []
 
 
 def _sha(path) -> str:
