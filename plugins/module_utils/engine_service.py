@@ -189,9 +189,33 @@ class Service:
         else:
             self._spawn()
         version = self.query_version()
+        self.protect_sockets()
         with open(self.statefile, "w") as handle:
             json.dump(self.settings, handle, sort_keys=True)
         return version
+
+    def protect_sockets(self):
+        """Sockets 0600, or 0660 with group ``socket_group`` (and the run dir 0750 in it).
+
+        The engine creates them under umask 077 already; this sets the operator's group.
+        Whoever can open the QMP socket controls the engine, and the NBD socket gives the
+        disks' data.
+        """
+        group = self.settings.get("socket_group")
+        gid = -1
+        if group:
+            import grp  # pylint: disable=import-outside-toplevel
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ServiceError("socket_group: no group '%s' on this host" % group)
+            os.chown(self.run_dir, -1, gid)
+            os.chmod(self.run_dir, 0o750)
+        for path in (self.settings["socket"], self.settings.get("nbd_socket")):
+            if path and os.path.exists(path):
+                if group:
+                    os.chown(path, -1, gid)
+                os.chmod(path, 0o660 if group else 0o600)
 
     def _spawn(self):
         env = dict(os.environ)
@@ -200,7 +224,7 @@ class Service:
         try:
             self._proc = subprocess.Popen(  # pylint: disable=consider-using-with
                 self.argv(), cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                close_fds=True, start_new_session=True)
+                close_fds=True, start_new_session=True, umask=0o077)
         except OSError as exc:
             raise ServiceError("cannot run %s: %s" % (self.argv()[0], exc))
         finally:
@@ -255,7 +279,7 @@ class Service:
     def _write_unit(self):
         env = " ".join("%s=%s" % kv for kv in sorted(self.env().items()))
         text = ("[Unit]\nDescription=blockdev.fleecing engine (%s)\nAfter=local-fs.target\n\n"
-                "[Service]\nType=simple\n%sExecStart=%s\nRestart=on-failure\n"
+                "[Service]\nType=simple\nUMask=0077\n%sExecStart=%s\nRestart=on-failure\n"
                 "StandardOutput=append:%s\nStandardError=append:%s\nRuntimeDirectoryPreserve=yes\n\n"
                 "[Install]\nWantedBy=multi-user.target\n"
                 % (self.settings["engine"], ("Environment=%s\n" % env) if env else "",

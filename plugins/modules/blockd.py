@@ -61,6 +61,13 @@ options:
   log_file:
     description: The engine's log. Default C(<run_dir>/engine.log).
     type: path
+  socket_group:
+    description:
+      - Group that may use the engine's QMP and NBD sockets. They are made mode 0660 in
+        this group, and O(run_dir) 0750 in it.
+      - By default the sockets are mode 0600 (the engine runs with umask 077), so only
+        the user the engine runs as (root) can open them.
+    type: str
   service_manager:
     description: V(auto) uses systemd when it is the init system, else a detached daemon.
     type: str
@@ -91,8 +98,9 @@ options:
     type: str
 notes:
   - The O(socket) option (QMP monitor) defaults to C(/run/blockd/qmp.sock), inside the default O(run_dir).
-  - The QMP socket is created by the engine; keep O(run_dir) mode 0750 or stricter
-    (the module creates it so) because whoever can open the socket controls the engine.
+  - The QMP socket is created by the engine, mode 0600 (see O(socket_group)); keep O(run_dir)
+    mode 0750 or stricter (the module creates it so) because whoever can open the socket
+    controls the engine.
 author:
   - blockdev.fleecing contributors (!UNKNOWN)
 """
@@ -169,7 +177,8 @@ def _settings(mod, install_path):
     return dict(engine=p["engine"], install_path=install_path if p["engine"] == "blockd" else "",
                 python=p["python"] or sys.executable, socket=p["socket"], nbd_socket=nbd,
                 log_file=p["log_file"] or os.path.join(run_dir, "engine.log"),
-                args=list(p["args"]), run_dir=run_dir, unit=p["unit"])
+                args=list(p["args"]), run_dir=run_dir, unit=p["unit"],
+                socket_group=p["socket_group"] or "")
 
 
 def main():
@@ -182,6 +191,7 @@ def main():
         run_dir=dict(type="path", default="/run/blockd"),
         nbd_socket=dict(type="path"),
         log_file=dict(type="path"),
+        socket_group=dict(type="str"),
         service_manager=dict(type="str", default="auto", choices=["auto", "systemd", "daemon"]),
         unit=dict(type="str", default="blockd"),
         args=dict(type="list", elements="str", default=[]),
@@ -191,6 +201,12 @@ def main():
         _engine_version=dict(type="str"),
     ))
     p, check = mod.params, mod.check_mode
+    if p["socket_group"]:
+        import grp  # pylint: disable=import-outside-toplevel
+        try:
+            grp.getgrnam(p["socket_group"])
+        except KeyError:
+            mod.fail("socket_group: no group '%s' on this host" % p["socket_group"])
     state = p["state"]
     manager = p["service_manager"]
     if manager == "auto":

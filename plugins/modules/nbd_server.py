@@ -62,7 +62,11 @@ options:
             already at that path.
         type: path
       host:
-        description: The address or host name to listen on (O(addr.type=inet)).
+        description:
+          - The address or host name to listen on (O(addr.type=inet)).
+          - Default V(127.0.0.1), loopback only. Name an outside address (or
+            V(0.0.0.0)) on purpose, and use O(tls_creds) there - NBD itself has no
+            authentication.
         type: str
       port:
         description: The TCP port (O(addr.type=inet)), 1 to 65535.
@@ -215,8 +219,10 @@ def check_addr(mod, addr):
         if addr.get("host") or addr.get("port") is not None:
             mod.fail("addr.host and addr.port conflict with addr.type=unix")
     else:
-        if not addr.get("host") or addr.get("port") is None:
-            mod.fail("addr.type is inet but addr.host or addr.port is missing")
+        if not addr.get("host"):
+            addr["host"] = "127.0.0.1"      # loopback unless told otherwise
+        if addr.get("port") is None:
+            mod.fail("addr.type is inet but addr.port is missing")
         if addr.get("path"):
             mod.fail("addr.path conflicts with addr.type=inet")
         if not 1 <= addr["port"] <= 65535:
