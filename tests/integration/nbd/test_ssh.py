@@ -281,3 +281,22 @@ def test_sshd_fixture_serves_openssh_clients(sshd, tmp_path):
                          stdin=subprocess.DEVNULL)
     assert bad.returncode == 255 and "Host key verification failed" in bad.stderr, bad.stderr
     assert sshd.ansible_vars()["ansible_port"] == str(sshd.port)
+
+
+def test_many_clients_one_after_another_through_one_tunnel(daemon, engine, sshd, tmp_path):
+    """Regression: a client's late EOF after sshd freed its channel made sshd drop the whole
+    SSH connection ("channel_by_id: bad id: channel free"), failing the next client."""
+    img = tmp_path / "w.raw"
+    img.write_bytes(bytes(range(256)) * 4096)
+    port = free_port()
+    daemon(engine, "--blockdev", f"driver=file,node-name=f,filename={img}",
+           "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+           "--export", "type=nbd,id=w,node-name=f,name=w")
+    with SSHTunnel("127.0.0.1", sshd.port, identity_file=sshd.key,
+                   known_hosts=sshd.known_hosts, allow_agent=False) as tunnel:
+        uri = "nbd+ssh://127.0.0.1:%d/w?nbd-port=%d" % (sshd.port, port)
+        for i in range(100):
+            with nbdc.connect_uri(uri, ssh_tunnel=tunnel) as c:
+                assert c.pread(i * 4096, 4096) == bytes(range(256)) * 16
+        assert tunnel.active
+    assert "bad id" not in sshd.log()

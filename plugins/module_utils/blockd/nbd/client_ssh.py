@@ -323,7 +323,20 @@ class SSHChannelSocket:
         self.channel.settimeout(timeout)
 
     def shutdown(self, how: int) -> None:
-        """Half- or full-close (sends EOF for ``SHUT_WR``/``SHUT_RDWR``)."""
+        """Half- or full-close (sends EOF for ``SHUT_WR``; ``SHUT_RDWR`` closes the channel).
+
+        paramiko's ``Channel.shutdown`` sends EOF even when the channel is already
+        closed. After sshd has freed the channel (its CLOSE answered by paramiko's
+        thread), such a late EOF names a channel sshd no longer knows, and sshd drops
+        the whole connection ("bad id: channel free") -- with every other channel of a
+        shared tunnel. So a full shutdown is a close (EOF and CLOSE sent together under
+        the channel's lock), and nothing is sent for a channel that is closed.
+        """
+        if how == socket.SHUT_RDWR:
+            self.close()
+            return
+        if self.channel.closed:
+            return
         try:
             self.channel.shutdown(how)
         except OSError:
