@@ -180,10 +180,11 @@ def _descendants(pid: int) -> "list[int]":
     return out
 
 
-def _config(d: Path, port: int, host_key: Path, extra: Dict[str, str]) -> Path:
+def _config(d: Path, port: int, host_key: Path, extra: Dict[str, str],
+            listen: str = "127.0.0.1") -> Path:
     options = {
         "Port": str(port),
-        "ListenAddress": "127.0.0.1",
+        "ListenAddress": listen,
         "HostKey": str(host_key),
         "PidFile": str(d / "sshd.pid"),
         "AuthorizedKeysFile": str(d / "authorized_keys"),
@@ -222,10 +223,14 @@ def _wait_banner(server: SSHServer, deadline: float) -> bool:
 
 
 def start_sshd(directory: Path, extra: Optional[Dict[str, str]] = None,
-               timeout: float = 15.0) -> SSHServer:
+               timeout: float = 15.0, netns: Optional[str] = None,
+               host: str = "127.0.0.1") -> SSHServer:
     """Start sshd with a fresh host key and client key under ``directory`` (created).
 
     :param extra: more sshd_config options (override the defaults).
+    :param netns: run it in this network namespace (``ip netns exec``), listening on
+        HOST port 22 (tests/helpers/netns.py makes such hosts).
+    :param host: the address it listens on.
     :raises RuntimeError: sshd would not start (its log is in the message).
     """
     d = Path(directory)
@@ -239,21 +244,23 @@ def start_sshd(directory: Path, extra: Optional[Dict[str, str]] = None,
     host_pub = (d / "ssh_host_ed25519_key.pub").read_text().split()
     last = ""
     for _attempt in range(5):  # another process may grab the free port first
-        port = free_port()
-        config = _config(d, port, host_key, extra or {})
+        port = 22 if netns else free_port()
+        config = _config(d, port, host_key, extra or {}, listen=host)
         check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True,
                                timeout=30)
         if check.returncode != 0:
             raise RuntimeError("sshd -t refused the test config: " + check.stderr)
         known = d / "known_hosts"
-        known.write_text("[127.0.0.1]:%d %s %s\n" % (port, host_pub[0], host_pub[1]))
+        known.write_text("[%s]:%d %s %s\n" % (host, port, host_pub[0], host_pub[1]))
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         with open(d / "sshd.log", "ab") as log:
-            proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, start_new_session=True)
+            proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(config)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
         server = SSHServer(dir=d, port=port, user=getpass.getuser(), key=key, known_hosts=known,
                            host_key=host_key,
                            host_key_fingerprint=fingerprint(d / "ssh_host_ed25519_key.pub"),
-                           proc=proc, extra=dict(extra or {}))
+                           proc=proc, host=host, extra=dict(extra or {}))
         _LIVE.add(server)
         try:
             if _wait_banner(server, time.monotonic() + timeout):
