@@ -14,8 +14,8 @@ blockd ÷ peer with a line at 1.0 (for figures where lower is better the ratio i
 blockd, so right of the line is always better for blockd).  ``--markdown PATH`` writes the
 table that docs/performance.md shows.
 
-``--quick``: 32 MiB images, one run each, 10 s of load (a few minutes); the default: 256
-MiB, best of 2, 60 s of load (about 15 minutes on a 2-core machine).  Needs the project's
+``--quick``: 32 MiB images, one run each, 10 s of load (a minute or two); the default: 1
+GiB images, best of 3 runs in each of 2 rounds, 60 s of load (about 10 minutes here).  Needs the project's
 .venv (matplotlib, python3-libnbd) and the tools scripts/bootstrap installs.
 """
 
@@ -115,12 +115,18 @@ def qmp_figures(seconds):
                 round(rates[("qsd", "add_del")]))]
 
 
-def plot(figures, path, title):
+def need_matplotlib():
+    """matplotlib, or exit with a message saying how to install it (checked before the benches)."""
     try:
         import matplotlib  # pylint: disable=import-outside-toplevel
     except ImportError:
         sys.exit("report: matplotlib is missing: run `bash scripts/bootstrap` (it installs "
                  "requirements-dev.txt into .venv) or `.venv/bin/pip install matplotlib`")
+    return matplotlib
+
+
+def plot(figures, path, title):
+    matplotlib = need_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     labels = [f"{f['bench']}: {f['figure']} (vs {f['peer']})" for f in figures]
@@ -152,13 +158,16 @@ def markdown(figures):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--size-mib", type=int)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--quick", action="store_true",
+                    help="32 MiB images, 1 run, 10 s of load, 1 s per QMP figure")
+    ap.add_argument("--size-mib", type=int,
+                    help="image size passed to every throughput bench (1024; 32 with --quick)")
+    ap.add_argument("--out", type=Path, help="output directory (bench/results/<date>)")
+    ap.add_argument("--markdown", type=Path, help="also write the markdown table here")
     a = ap.parse_args()
-    size = a.size_mib or (32 if a.quick else 256)
-    runs = ["--runs", "1", "--rounds", "1"] if a.quick else ["--runs", "2", "--rounds", "1"]
+    need_matplotlib()
+    size = a.size_mib or (32 if a.quick else 1024)
+    runs = ["--runs", "1", "--rounds", "1"] if a.quick else ["--runs", "3", "--rounds", "2"]
     load_s = "10" if a.quick else "60"
     out = a.out or HERE / "results" / datetime.date.today().isoformat()
     out.mkdir(parents=True, exist_ok=True)

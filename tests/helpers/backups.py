@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Tuple
 
@@ -120,3 +122,37 @@ def run_tasks(ansible: Any, *steps: Dict[str, Any]) -> list:
         raise AssertionError(f"ansible-playbook did not run the tasks (rc {proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return json.loads(out.read_text())
+
+
+class WhenSeen(threading.Thread):
+    """Runs ACTION once, as soon as CONDITION() is true (checked every 5 ms, for TIMEOUT s).
+
+    ``done`` holds ACTION's return value once it ran.  For fault tests: kill or cancel
+    something at a precise step of a playbook that runs meanwhile::
+
+        with WhenSeen(lambda: overlay.exists(), kill_engine) as hit:
+            run_the_playbook()
+        assert hit.done
+    """
+
+    def __init__(self, condition, action, timeout: float = 300) -> None:
+        super().__init__(daemon=True)
+        self.condition, self.action, self.timeout = condition, action, timeout
+        self.done: list = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if self.condition():
+                self.done.append(self.action())
+                return
+            time.sleep(0.005)
+
+    def __enter__(self) -> "WhenSeen":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join(30)

@@ -3,6 +3,9 @@
 Imported by the ``conftest.py`` of the test directories that use them.
 """
 
+import os
+import signal
+
 import pytest
 
 from helpers.ansible import Ansible
@@ -29,3 +32,18 @@ def engine_with_monitor(daemon, engine):
                    "--monitor", "chardev=qmp1", nbd=nbd)
         return d, str(d.dir / "modules.sock")
     return start
+
+
+@pytest.fixture
+def service(tmp_path):
+    """``blockd`` module args for an engine living in tmp_path; kills whatever it left at teardown."""
+    run_dir = tmp_path / "run"
+    args = {"run_dir": str(run_dir), "socket": str(run_dir / "qmp.sock"),
+            "install_dir": str(tmp_path / "opt"), "service_manager": "daemon"}
+    yield args
+    pidfile = run_dir / "engine.pid"
+    if pidfile.exists():
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (ValueError, ProcessLookupError):
+            pass

@@ -99,35 +99,13 @@ class LoadRun:
         h.connect_uri(self.daemon.nbd_uri(export))
         return h
 
-    def _writer(self, c: Client, stop: threading.Event, seed: int) -> None:
-        import nbd  # pylint: disable=import-outside-toplevel
-        rnd = random.Random(seed)
+    def _client(self, c: Client, stop: threading.Event, step) -> None:
+        """Call STEP(handle) -> bytes moved until STOP; an exception or None ends the client."""
         h = self._handle(c.export)
         try:
             while not stop.is_set():
-                n = rnd.choice((4096, 16384, 65536))
-                off = rnd.randrange(0, self.size - n + 1) & ~511
-                flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.1 else 0
-                h.pwrite(rnd.randbytes(n), off, flags)
-                if rnd.random() < 0.05:
-                    h.flush()
-                c.ops += 1
-                c.bytes += n
-        except Exception as exc:  # pylint: disable=broad-except
-            c.errors.append(repr(exc))
-        finally:
-            h.shutdown()
-
-    def _reader(self, c: Client, stop: threading.Event, seed: int, expect: bytes | None) -> None:
-        rnd = random.Random(seed)
-        h = self._handle(c.export)
-        try:
-            while not stop.is_set():
-                n = rnd.choice((4096, 65536, 262144))
-                off = rnd.randrange(0, self.size - n + 1) & ~511
-                data = h.pread(n, off)
-                if expect is not None and data != expect[off:off + n]:
-                    c.errors.append(f"{c.export}: bytes at {off}+{n} are not the point in time")
+                n = step(h)
+                if n is None:
                     return
                 c.ops += 1
                 c.bytes += n
@@ -135,6 +113,33 @@ class LoadRun:
             c.errors.append(repr(exc))
         finally:
             h.shutdown()
+
+    def _writer(self, c: Client, stop: threading.Event, seed: int) -> None:
+        import nbd  # pylint: disable=import-outside-toplevel
+        rnd = random.Random(seed)
+
+        def step(h):
+            n = rnd.choice((4096, 16384, 65536))
+            off = rnd.randrange(0, self.size - n + 1) & ~511
+            h.pwrite(rnd.randbytes(n), off, nbd.CMD_FLAG_FUA if rnd.random() < 0.1 else 0)
+            if rnd.random() < 0.05:
+                h.flush()
+            return n
+        self._client(c, stop, step)
+
+    def _reader(self, c: Client, stop: threading.Event, seed: int, expect: bytes | None) -> None:
+        rnd = random.Random(seed)
+
+        def step(h):
+            n = rnd.choice((4096, 65536, 262144))
+            off = rnd.randrange(0, self.size - n + 1) & ~511
+            if expect is not None and h.pread(n, off) != expect[off:off + n]:
+                c.errors.append(f"{c.export}: bytes at {off}+{n} are not the point in time")
+                return None
+            if expect is None:
+                h.pread(n, off)
+            return n
+        self._client(c, stop, step)
 
     def run(self, seconds: float, sample: float = 1.0) -> None:
         """All clients at once for SECONDS; RSS sampled every SAMPLE seconds."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers.fixtures import ansible, engine_with_monitor  # noqa: F401  pylint: disable=unused-import
+from helpers.fixtures import ansible, engine_with_monitor, service  # noqa: F401  pylint: disable=unused-import
 
 
 def pytest_collection_modifyitems(items):

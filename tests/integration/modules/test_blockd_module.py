@@ -1,27 +1,9 @@
 """blockdev.fleecing.blockd: the engine as a service (detached daemon; no systemd here)."""
 
 import os
-import signal
 from pathlib import Path
 
-import pytest
-
 from helpers import MiB, make_raw_image
-
-
-@pytest.fixture
-def service(ansible, tmp_path):
-    """Module args for an engine living in tmp_path; kills whatever it left at teardown."""
-    run_dir = tmp_path / "run"
-    args = {"run_dir": str(run_dir), "socket": str(run_dir / "qmp.sock"),
-            "install_dir": str(tmp_path / "opt"), "service_manager": "daemon"}
-    yield args
-    pidfile = run_dir / "engine.pid"
-    if pidfile.exists():
-        try:
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
-        except (ValueError, ProcessLookupError):
-            pass
 
 
 def _alive(pid):

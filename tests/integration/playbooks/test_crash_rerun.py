@@ -9,12 +9,12 @@ disk (the writer is stopped by then, so the disk is the point in time).
 """
 
 import subprocess
-import threading
 import time
 
 import pytest
 
 from helpers import MiB
+from helpers.backups import WhenSeen
 
 pytestmark = [pytest.mark.slow, pytest.mark.blockd]
 
@@ -25,22 +25,14 @@ def test_backup_role_after_engine_kill9(scenario):
     s.make_disk()
     s.start_engine()
     s.start_writer()
-    killed = []
+    def kill():
+        time.sleep(0.2)
+        s.kill_engine()
+        return True
 
-    def killer():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            if s.tmp_dir.exists() and any(s.tmp_dir.rglob("*.qcow2")):
-                time.sleep(0.2)
-                s.kill_engine()
-                killed.append(time.monotonic())
-            time.sleep(0.01)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    proc = s.playbook("backup", {"backup_mode": "full"}, check=False)
-    t.join(10)
-    assert killed, "the fleecing overlay never appeared"
+    with WhenSeen(lambda: s.tmp_dir.exists() and any(s.tmp_dir.rglob("*.qcow2")), kill) as hit:
+        proc = s.playbook("backup", {"backup_mode": "full"}, check=False)
+    assert hit.done, "the fleecing overlay never appeared"
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "Backup of localhost failed at" in proc.stdout, proc.stdout[-4000:]
     if s.writer is not None:            # its NBD connection died with the engine

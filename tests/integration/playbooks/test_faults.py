@@ -17,6 +17,7 @@ import time
 import pytest
 
 from helpers import MiB, tmpfs
+from helpers.backups import WhenSeen
 
 pytestmark = [pytest.mark.slow, pytest.mark.blockd, pytest.mark.timeout(900)]
 
@@ -123,25 +124,19 @@ def test_fleecing_job_lost_during_the_copy(scenario):
     s = scenario(engine="blockd", size=64 * MiB)
     s.make_disk()
     s.start_engine()
-    cancelled = []
+    disk_dir = s.backup_dir / "localhost" / "disk0"
 
     def cancel():
         from qmp_client import QMPClient  # pylint: disable=import-outside-toplevel
-        deadline = time.monotonic() + 300
-        disk_dir = s.backup_dir / "localhost" / "disk0"
-        while time.monotonic() < deadline and not cancelled:
-            if disk_dir.exists() and any(p.name.endswith(".partial") for p in disk_dir.iterdir()):
-                with QMPClient(str(s.qmp_socket), 30) as qmp:
-                    job = qmp.execute("query-block-jobs")[0]["device"]
-                    qmp.execute("block-job-cancel", {"device": job, "force": True})
-                    cancelled.append(job)
-            time.sleep(0.005)
+        with QMPClient(str(s.qmp_socket), 30) as qmp:
+            job = qmp.execute("query-block-jobs")[0]["device"]
+            qmp.execute("block-job-cancel", {"device": job, "force": True})
+        return job
 
-    t = threading.Thread(target=cancel, daemon=True)
-    t.start()
-    proc = s.playbook("backup", {"backup_mode": "full"}, check=False)
-    t.join(10)
-    assert cancelled, "the copy was never seen running"
+    with WhenSeen(lambda: disk_dir.exists() and any(p.name.endswith(".partial")
+                                                    for p in disk_dir.iterdir()), cancel) as hit:
+        proc = s.playbook("backup", {"backup_mode": "full"}, check=False)
+    assert hit.done, "the copy was never seen running"
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "stopped during the copy" in proc.stdout, proc.stdout[-4000:]
     assert "copy is not a point in time" in proc.stdout

@@ -1,3 +1,3 @@
 """Fixtures of the security tests (the controller and engine fixtures of the module tests)."""
 
-from helpers.fixtures import ansible, engine_with_monitor  # noqa: F401  pylint: disable=unused-import
+from helpers.fixtures import ansible, engine_with_monitor, service  # noqa: F401  pylint: disable=unused-import

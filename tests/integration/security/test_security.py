@@ -16,7 +16,6 @@ import ast
 import grp
 import hashlib
 import os
-import signal
 import socket
 import stat
 from pathlib import Path
@@ -49,21 +48,6 @@ def listening_tcp_ports(pid: int) -> set:
                 addr, port = fields[1].split(":")
                 out.add((addr, int(port, 16)))
     return out
-
-
-@pytest.fixture
-def service(tmp_path):
-    """blockd module args for an engine in tmp_path; kills it at teardown."""
-    run_dir = tmp_path / "run"
-    args = {"run_dir": str(run_dir), "socket": str(run_dir / "qmp.sock"),
-            "install_dir": str(tmp_path / "opt"), "service_manager": "daemon"}
-    yield args
-    pidfile = run_dir / "engine.pid"
-    if pidfile.exists():
-        try:
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
-        except (ValueError, ProcessLookupError):
-            pass
 
 
 def test_engine_sockets_private_or_in_the_named_group(ansible, service):
