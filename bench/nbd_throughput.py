@@ -237,9 +237,11 @@ def bench_engine(name: str, args, image: Path, source: Path, work: Path) -> dict
 
 
 def merge(best: dict | None, new: dict) -> dict:
-    """Combine rounds: keep every run, best figure over all."""
-    if best is None or "error" in new:
-        return new if best is None or "error" not in best else best
+    """Combine rounds: keep every run, best figure over all; a failed round is the result."""
+    if best is None or "error" in best:
+        return best or new      # the first failure stays reported
+    if "error" in new:
+        return new
     for metric in METRIC_NAMES:
         best[f"{metric}_runs"] += new[f"{metric}_runs"]
         best[f"{metric}_mibs"] = max(best[f"{metric}_runs"])
