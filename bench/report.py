@@ -9,14 +9,16 @@ copy_throughput and load (all against qemu-storage-daemon 7.2; the copy bench al
 qemu-img convert and nbdcopy as pullers), plus two QMP figures measured here (round trips
 of ``query-named-block-nodes`` per second; ``blockdev-add`` + ``blockdev-del`` pairs per
 second).  Then it writes DIR/report.json -- one entry per figure: bench, figure, unit,
-blockd, peer, peer_value, ratio, higher_is_better -- and DIR/report.png, a bar per figure of
+blockd, peer, peer_value, ratio, higher_is_better, source (that bench's JSON in DIR; null for
+the QMP figures) -- and DIR/report.png, a bar per figure of
 blockd ÷ peer with a line at 1.0 (for figures where lower is better the ratio is peer ÷
 blockd, so right of the line is always better for blockd).  ``--markdown PATH`` writes the
 table that docs/performance.md shows.
 
-``--quick``: 32 MiB images, one run each, 10 s of load (a minute or two); the default: 1
-GiB images, best of 3 runs in each of 2 rounds, 60 s of load (about 10 minutes here).  Needs the project's
-.venv (matplotlib, python3-libnbd) and the tools scripts/bootstrap installs.
+``--quick``: 32 MiB images, one run each, 10 s of load (about a minute); the default: 1 GiB
+images, best of 3 runs in each of 2 rounds, 60 s of load (7 minutes on a 2-core machine).
+Needs the project's .venv (matplotlib, python3-libnbd) and the tools scripts/bootstrap
+installs.
 """
 
 import argparse
@@ -150,9 +152,9 @@ def markdown(figures):
     rows = ["| bench | figure | unit | blockd | peer | peer value | ratio |",
             "|---|---|---|---|---|---|---|"]
     for f in figures:
-        rows.append(f"| {f['bench']} | {f['figure']}{'' if f['higher_is_better'] else ' (lower is better)'}"
-                    f" | {f['unit']} | {f['blockd']} | {f['peer']} | {f['peer_value']} | "
-                    f"**{f['ratio']:.2f}** |")
+        lower = "" if f["higher_is_better"] else " (lower is better)"
+        rows.append(f"| {f['bench']} | {f['figure']}{lower} | {f['unit']} | {f['blockd']} | "
+                    f"{f['peer']} | {f['peer_value']} | **{f['ratio']:.2f}** |")
     return "\n".join(rows) + "\n"
 
 
@@ -209,7 +211,9 @@ def main():
             figures.append(fig("load", "engine RSS at the end", "MiB",
                                by["blockd"]["rss_mib"]["end"], "qemu-storage-daemon",
                                by["qsd"]["rss_mib"]["end"], higher=False))
-    figures += qmp_figures(1.0 if a.quick else 3.0)
+    for f in figures:   # the bench JSON each figure comes from, in the output directory
+        f["source"] = f"{f['bench'].replace(' (', '-').rstrip(')')}.json"
+    figures += [{**f, "source": None} for f in qmp_figures(1.0 if a.quick else 3.0)]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "quick": a.quick, "size_mib": size, "seconds": round(time.monotonic() - t0, 1),
               "benches": log, "figures": figures}
