@@ -127,6 +127,7 @@ class Fleece:
             return self._create(disks, nodes)
         except FleeceError as exc:
             self.teardown(disks)
+            self.forget()
             raise FleeceError("%s (everything this task created was removed)" % exc)
 
     def _create(self, disks, nodes):
@@ -161,6 +162,10 @@ class Fleece:
                 if granularity:
                     add["granularity"] = granularity
                 actions.append({"type": "block-dirty-bitmap-add", "data": add})
+        # The record is written once before the transaction, so that its blocks are taken
+        # before the guest's writes can fill the overlays' filesystem, and then rewritten in
+        # place (same length) with the point in time.
+        self._write_record(self._record(disks, nodes, incremental, "0000-00-00T00:00:00Z"), "w")
         self._qmp("transaction", {"actions": actions})
         point_in_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for disk in disks:
@@ -169,13 +174,24 @@ class Fleece:
             if incremental.get(disk):
                 export["bitmaps"] = [self.bitmap]
             self._qmp("block-export-add", export)
-        rec = dict(name=self.name, point_in_time=point_in_time, bitmap=self.bitmap,
-                   disks=[dict(node=disk, size=nodes[disk].get("image", {}).get("virtual-size"),
-                               incremental=bool(incremental.get(disk)))
-                          for disk in disks])
-        with open(self.record_path, "w") as handle:
-            json.dump(rec, handle, sort_keys=True)
+        rec = self._record(disks, nodes, incremental, point_in_time)
+        self._write_record(rec, "r+")
         return rec
+
+    def _record(self, disks, nodes, incremental, point_in_time):
+        return dict(name=self.name, point_in_time=point_in_time, bitmap=self.bitmap,
+                    disks=[dict(node=disk, size=nodes[disk].get("image", {}).get("virtual-size"),
+                                incremental=bool(incremental.get(disk)))
+                           for disk in disks])
+
+    def _write_record(self, rec, mode):
+        try:
+            with open(self.record_path, mode) as handle:
+                json.dump(rec, handle, sort_keys=True)
+                handle.truncate()
+        except (IOError, OSError) as exc:
+            raise FleeceError("cannot write %s: %s (is the filesystem of tmp_dir full?)"
+                              % (self.record_path, exc.strerror or exc))
 
     def _create_job(self, options, job_id):
         """``blockdev-create`` and wait for it; dismiss it; errors as :class:`FleeceError`."""
