@@ -135,7 +135,7 @@ def bitmap_names(node):
 
 def is_done(action, nodes, jobs):
     """Whether what ACTION leaves behind is there (True/False), or None if it cannot be seen."""
-    kind, data = action["type"], action.get("data") or {}
+    kind, data = action["type"], action["data"]
     if kind == "blockdev-snapshot-sync":
         name = data.get("snapshot-node-name")
         return name in nodes if name else None
@@ -154,28 +154,36 @@ def is_done(action, nodes, jobs):
 
 def creates(action):
     """Node names ACTION adds to the graph (for the checks of later actions)."""
-    data = action.get("data") or {}
+    data = action["data"]
     if action["type"] == "blockdev-snapshot-sync" and data.get("snapshot-node-name"):
         return [data["snapshot-node-name"]]
     return []
 
 
-def check(mod, nodes):
-    """Refuse malformed actions, unknown kinds and unknown nodes, naming the action."""
-    known = set(nodes)
+def normalized(mod):
+    """The actions as ``{type, data}`` dicts; a malformed one fails, shown as given."""
+    actions = []
     for i, action in enumerate(mod.params["actions"]):
-        if not isinstance(action, dict) or set(action) - set(("type", "data")) \
-                or not isinstance(action.get("type"), str) \
+        if set(action) - set(("type", "data")) or not isinstance(action.get("type"), str) \
                 or not isinstance(action.get("data", {}), dict):
             mod.fail("actions[%d]: each action is a dict with 'type' (a string) and 'data' "
                      "(a dict), not %r" % (i, action))
+        actions.append(dict(type=action["type"], data=action.get("data") or {}))
+    if not actions:
+        mod.fail("actions: give at least one action")
+    return actions
+
+
+def check(mod, actions, nodes):
+    """Refuse unknown action types and unknown nodes, naming the action."""
+    known = set(nodes)
+    for i, action in enumerate(actions):
         kind = action["type"]
         if kind not in ACTION_NODES:
             mod.fail("actions[%d]: unknown action type '%s'; known types are %s"
                      % (i, kind, ", ".join(sorted(ACTION_NODES))))
-        data = action.get("data") or {}
         for member in ACTION_NODES[kind]:
-            name = data.get(member)
+            name = action["data"].get(member)
             if name is not None and name not in known:
                 mod.fail("actions[%d] (%s): %s '%s' is not a node of the engine"
                          % (i, kind, member, name))
@@ -190,13 +198,10 @@ def main():
                              choices=["individual", "grouped"]),
         skip_done=dict(type="bool", default=True),
     ))
-    actions = [dict(type=a.get("type"), data=a.get("data") or {}) if isinstance(a, dict) else a
-               for a in mod.params["actions"]]
-    if not actions:
-        mod.fail("actions: give at least one action")
+    actions = normalized(mod)
     nodes = mod.query_nodes()
     jobs = mod.query_jobs()
-    done = [is_done(a, nodes, jobs) if isinstance(a, dict) else None for a in actions]
+    done = [is_done(a, nodes, jobs) for a in actions]
     if mod.params["skip_done"] and all(d is not None for d in done):
         if all(done):
             mod.exit(None, None, actions=[], done=done)
@@ -205,8 +210,7 @@ def main():
                      "the engine would refuse or repeat part of it - fix the graph, or set "
                      "skip_done: false" % ([i for i, d in enumerate(done) if d],
                                            [i for i, d in enumerate(done) if not d]), done=done)
-    mod.params["actions"] = actions
-    check(mod, nodes)
+    check(mod, actions, nodes)
     args = dict(actions=actions)
     if mod.params["completion_mode"] != "individual":
         args["properties"] = {"completion-mode": mod.params["completion_mode"]}

@@ -14,13 +14,12 @@ import json
 import os
 import signal
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from helpers import MiB
+from helpers.backups import WhenSeen
 
 pytestmark = [pytest.mark.slow, pytest.mark.blockd]
 
@@ -41,37 +40,23 @@ def _copy_processes():
     return pids
 
 
-class CopyKiller(threading.Thread):
-    """Kills the nbd_copy process as soon as a ``.partial`` output appears in DIRECTORY."""
-
-    def __init__(self, directory: Path):
-        super().__init__(daemon=True)
-        self.directory, self.killed, self.stop = directory, [], threading.Event()
-
-    def run(self):
-        while not self.stop.is_set() and not self.killed:
-            if self.directory.exists() and any(p.name.endswith(".partial")
-                                               for p in self.directory.iterdir()):
-                for pid in _copy_processes():
-                    os.kill(pid, signal.SIGKILL)
-                    self.killed.append(pid)
-            time.sleep(0.005)
+def _partial_and_copying(directory: Path) -> bool:
+    """A ``.partial`` output is in DIRECTORY and the nbd_copy process runs."""
+    return (directory.exists() and any(p.name.endswith(".partial") for p in directory.iterdir())
+            and bool(_copy_processes()))
 
 
-class Corrupter(threading.Thread):
-    """Corrupts the first backup in DIRECTORY other than KEEP once its manifest is in place."""
+def _kill_copies() -> list:
+    pids = _copy_processes()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
 
-    def __init__(self, directory: Path, keep: Path):
-        super().__init__(daemon=True)
-        self.directory, self.keep, self.done, self.stop = directory, keep, [], threading.Event()
 
-    def run(self):
-        while not self.stop.is_set() and not self.done:
-            for p in self.directory.glob("*.qcow2"):
-                if p != self.keep and Path(f"{p}.manifest.json").exists():
-                    _corrupt_a_data_cluster(p)
-                    self.done.append(p)
-            time.sleep(0.005)
+def _new_backup(directory: Path, keep: Path):
+    """The first backup in DIRECTORY other than KEEP whose manifest is in place, or None."""
+    return next((p for p in directory.glob("*.qcow2")
+                 if p != keep and Path(f"{p}.manifest.json").exists()), None)
 
 
 def _corrupt_a_data_cluster(image: Path) -> None:
@@ -119,23 +104,19 @@ def test_a_failure_at_any_step_leaves_nothing_behind(scenario):
     fails({"backup_dir": f"{s.disk}/backups"}, "disk0: the backup directory exists")
 
     # 3. the copy: SIGKILL while it copies (a full copy, so that there is data to copy)
-    killer = CopyKiller(s.backup_dir / "localhost" / "disk0")
-    killer.start()
-    try:
+    disk_dir = s.backup_dir / "localhost" / "disk0"
+    with WhenSeen(lambda: _partial_and_copying(disk_dir), _kill_copies) as killer:
         fails({"backup_mode": "full"}, "disk0: copy status")
-    finally:
-        killer.stop.set()
-        killer.join()
-    assert killer.killed, "the copy was never seen running"
+    assert killer.done and killer.done[0], "the copy was never seen running"
 
     # 4. the verification: the new backup is corrupted once complete, before it is verified
-    corrupter = Corrupter(s.backup_dir / "localhost" / "disk0", full)
-    corrupter.start()
-    try:
+    def corrupt():
+        image = _new_backup(disk_dir, full)
+        _corrupt_a_data_cluster(image)
+        return image
+
+    with WhenSeen(lambda: _new_backup(disk_dir, full) is not None, corrupt) as corrupter:
         out = fails({"backup_mode": "full"}, "Verify each backup against its manifest: ")
-    finally:
-        corrupter.stop.set()
-        corrupter.join()
     assert corrupter.done, "the new backup was never seen"
     reason = out.split("Verify each backup against its manifest: ", 1)[1].split("'.")[0]
     assert "One or more items failed" not in reason and str(corrupter.done[0]) in reason, reason
