@@ -5,6 +5,7 @@ manifests with blockd.copy.verify; faults are real (killed servers and copy
 processes, blkdebug read errors, a full tmpfs).
 """
 
+import hashlib
 import json
 import os
 import random
@@ -92,6 +93,43 @@ def test_full_copy(daemon, engine, tmp_path, fmt):
     assert json.loads(prog.read_text())["status"] == "complete"
     assert verify(str(dest))["status"] == "ok"
     assert verify_against(uri, str(dest))["disk_sha256"] == res["disk_sha256"]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_zero_filled_data(daemon, engine, tmp_path, fmt):
+    """Written zeroes are data to block status: the copy finds the zero blocks itself
+    (hashes them as zero without sha256, leaves them out of the output) and the manifest
+    holds the same hashes as sha256 of every block, computed here from the source."""
+    src = tmp_path / "src.raw"
+    rnd = random.Random(7)
+    blocks = [bytes(MiB) if i % 3 else rnd.randbytes(MiB) for i in range(12)]
+    blocks[4] = bytes(MiB - 1) + b"\x01"            # zero but its last byte
+    blocks[7] = b"\x02" + bytes(MiB - 1)            # zero but its first byte
+    src.write_bytes(b"".join(blocks) + bytes(4096))  # a short last block, written zeroes
+    size = 12 * MiB + 4096
+    _d, uri = serve(daemon, engine, src)
+    dest = tmp_path / f"z.{fmt}"
+    res = copy(uri, str(dest), fmt)
+    compare(src, "raw", dest, fmt)
+    data = src.read_bytes()
+    want = [hashlib.sha256(data[o:o + MiB]).digest() for o in range(0, size, MiB)]
+    man = json.loads((tmp_path / f"z.{fmt}.manifest.json").read_text())
+    got = b"".join(bytes.fromhex(e["blocks"]) if "blocks" in e else
+                   b"".join(hashlib.sha256(bytes(min(MiB, e["offset"] + e["length"] - o))).digest()
+                            for o in range(e["offset"], e["offset"] + e["length"], MiB))
+                   for e in man["extents"])
+    assert got == b"".join(want)
+    assert res["disk_sha256"] == hashlib.sha256(b"".join(want)).hexdigest()
+    # the zero blocks were not written: the output allocates only the non-zero ones
+    nonzero = sum(1 for b in blocks if any(b))
+    if fmt == "qcow2":
+        check_qcow2(dest)
+        mapped = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", dest).stdout)
+        allocated = sum(m["length"] for m in mapped if m["data"])
+    else:
+        allocated = os.stat(dest).st_blocks * 512
+    assert allocated <= nonzero * MiB, (allocated, nonzero)
+    assert verify(str(dest))["status"] == "ok"
 
 
 def test_qcow2_source_same_digest(daemon, engine, tmp_path):
@@ -403,4 +441,6 @@ def test_copy_bench_runs_and_writes_json(tmp_path):
         for metric in ("qemu_img", "copy_qcow2", "copy_raw", "nbdcopy"):
             assert r[f"{metric}_verified"] is True and r[f"{metric}_mibs"] > 0
         assert r["tib_copy_qcow2_seconds"] > 0 and r["tib_qemu_img_seconds"] > 0
+        for metric in ("qemu_img", "copy_qcow2"):  # the zero-filled image
+            assert r[f"alloc_{metric}_verified"] is True and r[f"alloc_{metric}_mibs"] > 0
     assert "nbd_copy/qemu-img (qcow2)" in proc.stdout

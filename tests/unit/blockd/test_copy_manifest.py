@@ -24,6 +24,28 @@ def test_zero_digest_equals_hashing_zeroes():
     assert big.hexdigest() == hashlib.sha256(mf.ZERO_HASH * (1 << 20)).hexdigest()
 
 
+def _sha_blocks(data):
+    return b"".join(hashlib.sha256(data[o:o + MiB]).digest() for o in range(0, len(data), MiB))
+
+
+@pytest.mark.parametrize("layout", [
+    "D", "Z", "DZD", "ZDZZ", "d", "z", "Dz", "Zd",   # upper: 1 MiB block; lower: 100-byte tail
+    "Zl",                                          # a zero block then a zero block but its last byte
+])
+def test_hash_blocks_equals_sha256_per_block(layout):
+    """hash_blocks takes zero blocks' hash without hashing them: same result as hashing."""
+    parts = {"D": lambda: bytes(range(256)) * 4096, "Z": lambda: bytes(MiB),
+             "d": lambda: b"\x07" * 100, "z": lambda: bytes(100),
+             "l": lambda: bytes(MiB - 1) + b"\x01"}
+    data = b"".join(parts[c]() for c in layout)
+    want = _sha_blocks(data)
+    assert mf.hash_blocks(data) == want
+    buf = bytearray(MiB) + bytearray(data)  # a view into a larger buffer, as the copy passes
+    assert mf.hash_blocks(memoryview(buf)[MiB:]) == want
+    if len(data) % 8 == 0:  # a view of another format is hashed as its bytes
+        assert mf.hash_blocks(memoryview(data).cast("Q")) == want
+
+
 def test_extent_entries():
     data = b"\x01" * MiB + b"\x02" * 100
     hashes = mf.block_hash(data[:MiB]) + mf.block_hash(data[MiB:])

@@ -19,7 +19,6 @@ complete, so nothing half-written looks valid and no good file is replaced.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import threading
@@ -338,11 +337,6 @@ def _finish(partial: str, dest: str, man_partial: str, manifest: str,
         raise CopyError("dest", "cannot finish %s: %s" % (dest, exc.strerror or exc)) from None
 
 
-def _hash_blocks(buf: Any) -> bytes:
-    mv = memoryview(buf)
-    return b"".join(hashlib.sha256(mv[i:i + BLOCK]).digest() for i in range(0, len(mv), BLOCK))
-
-
 def _recheck(out: Any, committed: List[Dict[str, Any]],
              plan: Sequence[Tuple[int, int, str]]) -> List[Dict[str, Any]]:
     """Keep the committed prefix whose data still hashes as recorded in the output."""
@@ -351,7 +345,7 @@ def _recheck(out: Any, committed: List[Dict[str, Any]],
         if (entry.get("offset"), entry.get("length"), entry.get("type")) != (off, length, kind):
             break
         if kind == "data":
-            got = b"".join(_hash_blocks(out.read(o, min(CHUNK, off + length - o)))
+            got = b"".join(mf.hash_blocks(out.read(o, min(CHUNK, off + length - o)))
                            for o in range(off, off + length, CHUNK))
             if got.hex() != entry.get("blocks"):
                 break
@@ -403,6 +397,35 @@ class _Gate:
             self._closed = True
             while self._active:
                 self._cond.wait()
+
+
+def _write_runs(out: Any, offset: int, view: memoryview, hashes: bytes) -> None:
+    """Write ``view`` (block aligned, at ``offset``) given its block hashes.
+
+    A block whose hash is the zero block's is all zero (:func:`.manifest.hash_blocks`
+    found it so): runs of them go to ``write_zeroes`` instead of being
+    scanned for zeroes a second time by the output; the rest is written.
+    """
+    n = len(view)
+    start, zero_run = 0, None
+    for b, pos in enumerate(range(0, n, BLOCK)):
+        length = min(BLOCK, n - pos)
+        zero = hashes[32 * b:32 * b + 32] == (mf.ZERO_HASH if length == BLOCK
+                                              else mf.zero_block_hash(length))
+        if zero_run is not None and zero != zero_run:
+            _write_run(out, offset, view, start, pos, zero_run)
+            start = pos
+        zero_run = zero
+    if zero_run is not None:
+        _write_run(out, offset, view, start, n, zero_run)
+
+
+def _write_run(out: Any, offset: int, view: memoryview, start: int, end: int,
+               zero: bool) -> None:
+    if zero:
+        out.write_zeroes(offset + start, end - start)
+    else:
+        out.write(offset + start, view[start:end])
 
 
 class _Chunk:
@@ -483,13 +506,13 @@ class _Chunk:
         """Hash ``[p, p+k)`` into part ``i`` and write it; the error, if any."""
         view = self.view[p:p + k]
         try:
-            self.parts[i] = _hash_blocks(view)
+            self.parts[i] = mf.hash_blocks(view)
         except Exception as exc:  # noqa: BLE001 - never leave the chunk unfinished
             return _source_error(exc, "hashing")
         if not self.gate.enter():
             return CopyError("source", "copy stopped")
         try:
-            self.out.write(self.off + p, view)
+            _write_runs(self.out, self.off + p, view, self.parts[i])
         except CopyError as exc:
             return exc
         except Exception as exc:  # noqa: BLE001

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..nbd.client import NBDError, connect_uri
 from . import manifest as mf
-from .engine import CHUNK, _hash_blocks, export_digest
+from .engine import CHUNK, export_digest
 from .errors import CopyError
 from .manifest import BLOCK, DiskDigest
 from .output import LocalImage, Qcow2Output, RawOutput, _pieces
@@ -104,7 +104,7 @@ def _stream(img: LocalImage, doc: Optional[Dict[str, Any]], write: Any, write_ze
                 got = mf.zero_hashes(o, n)
             else:
                 buf = img.pread(o, n)
-                got = _hash_blocks(buf)
+                got = mf.hash_blocks(buf)
                 read += n
             if wanted is not None:
                 want = wanted[o // BLOCK * 32:o // BLOCK * 32 + len(got)]

@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, Optional
 
 from . import manifest as mf
-from .engine import CHUNK, _hash_blocks, export_digest
+from .engine import CHUNK, export_digest
 from .errors import CopyError
 from .manifest import BLOCK, DiskDigest
 from .output import LocalImage
@@ -45,7 +45,7 @@ def verify(dest: str, manifest: Optional[str] = None) -> Dict[str, Any]:
             if e["type"] in ("zero", "hole") and img.is_zero(off, length):
                 got = want
             else:
-                got = b"".join(_hash_blocks(img.pread(o, min(CHUNK, off + length - o)))
+                got = b"".join(mf.hash_blocks(img.pread(o, min(CHUNK, off + length - o)))
                                for o in range(off, off + length, CHUNK))
                 read += length
             if got != want:
