@@ -12,6 +12,9 @@ the child):
   copy-r     python3 -m blockd.copy pull URI out.raw
   nbdcopy    nbdcopy URI out.raw                             (raw only)
 
+Then the same image with its holes written as zeroes (allocated: block status
+says data, as on a preallocated or zero-filled disk), pulled into qcow2 by qemu-img
+convert and nbd_copy, which must both find the zeroes and leave them out.
 Then a 1 TiB empty (null-co, read-zeroes) export pulled into qcow2 by nbd_copy and by
 qemu-img convert, in seconds.  Then the incremental: a writable copy of the image with
 a dirty bitmap exported (``qemu:dirty-bitmap:b0``), a full nbd_copy pull into qcow2,
@@ -99,14 +102,17 @@ def qmp(workdir: Path, *commands: tuple) -> list:
     return out[1:]
 
 
-def half_allocated(path: Path, size: int) -> None:
-    """4 MiB of random data every 8 MiB, holes between."""
+def half_allocated(path: Path, size: int, zeros: bool = False) -> None:
+    """4 MiB of random data every 8 MiB, holes between (ZEROS: written zeroes between,
+    allocated, so that block status reports data: a preallocated or zero-filled disk)."""
     block = os.urandom(4 * MiB)
     with open(path, "wb") as f:
         f.truncate(size)
         for off in range(0, size, 8 * MiB):
             f.seek(off)
             f.write(block[:min(4 * MiB, size - off)])
+            if zeros and off + 4 * MiB < size:
+                f.write(bytes(min(4 * MiB, size - off - 4 * MiB)))
 
 
 def copy_cmd(uri: str, out: Path, fmt: str) -> list[str]:
@@ -212,7 +218,29 @@ def bench_engine(name: str, args, image: Path, work: Path) -> dict:
         for path in (full, inc):
             clean(path)
 
+    def allocated(eng, res: dict) -> None:
+        """The same data, the holes written as zeroes: qemu-img and nbd_copy must find them."""
+        for metric, (cmd, out, fmt) in commands(eng.uri, eng.workdir).items():
+            if metric not in ("qemu_img", "copy_qcow2"):
+                continue
+            walls = []
+            for _run in range(args.runs):
+                clean(out)
+                walls.append(timed(cmd, args.timeout))
+                if args.verify and _run == 0:
+                    cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt,
+                                          str(alloc), str(out)], capture_output=True,
+                                         text=True, timeout=args.timeout, check=False)
+                    res[f"alloc_{metric}_verified"] = cmp.returncode == 0
+                    if cmp.returncode:
+                        res["error"] = f"alloc {metric}: output differs: {cmp.stdout}{cmp.stderr}"
+            clean(out)
+            res[f"alloc_{metric}_seconds"] = [round(r, 3) for r in walls]
+            res[f"alloc_{metric}_mibs"] = round(args.size_mib / statistics.median(walls), 1)
+
     res = run_engine(name, args, image, work, body, make_args=ro_args)
+    alloc = image.with_name("alloc-image.raw")
+    res.update(run_engine(name, args, alloc, work, allocated, make_args=ro_args))
     res.update(run_engine(name, args, image, work, sparse, make_args=null_args))
     res.update(run_engine(name, args, image, work, incremental, make_args=rw_args))
     return res
@@ -224,6 +252,10 @@ def print_table(results: dict, engines: list[str]) -> None:
     for metric, label in (("qemu_img", "1 TiB sparse: qemu-img convert (s)"),
                           ("copy_qcow2", "1 TiB sparse: nbd_copy (s)")):
         print(f"{label:36}" + "".join(f"{eng[e].get(f'tib_{metric}_seconds', float('nan')):>10.3f}"
+                                      for e in engines))
+    for metric, label in (("qemu_img", "zero-filled: qemu-img convert"),
+                          ("copy_qcow2", "zero-filled: nbd_copy -> qcow2")):
+        print(f"{label:36}" + "".join(f"{eng[e].get(f'alloc_{metric}_mibs', float('nan')):>10.1f}"
                                       for e in engines))
     for key, label in (("incremental_full_seconds", "full pull, qcow2 (s)"),
                        ("incremental_seconds", "incremental after 1% changed (s)"),
@@ -256,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              os.environ.get("PYTHONPATH")]))
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     size = args.size_mib * MiB
-    work = pick_dir(args.dir, 4 * size)
+    work = pick_dir(args.dir, 5 * size)
     results: dict = {"size_mib": args.size_mib, "runs": args.runs, "unit": "MiB/s",
                      "nproc": os.cpu_count(), "loadavg": os.getloadavg(),
                      "bytecode_cache": args.bytecode_cache,
@@ -274,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                             "blockd.drivers.qcow2.create, blockd.graph.graph"], check=True)
         image = work / "image.raw"
         half_allocated(image, size)
+        half_allocated(image.with_name("alloc-image.raw"), size, zeros=True)
         for name in engines:
             print(f"... {name}", file=sys.stderr, flush=True)
             results["engines"][name] = bench_engine(name, args, image, work)

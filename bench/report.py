@@ -197,7 +197,9 @@ def main():
         srv = data["engines"].get("blockd", {})
         for key, peer_key, label, peer in (
                 ("copy_qcow2", "qemu_img", "pull to qcow2 (blockd.copy)", "qemu-img convert"),
-                ("copy_raw", "nbdcopy", "pull to raw (blockd.copy)", "nbdcopy")):
+                ("copy_raw", "nbdcopy", "pull to raw (blockd.copy)", "nbdcopy"),
+                ("alloc_copy_qcow2", "alloc_qemu_img", "pull to qcow2, zero-filled disk",
+                 "qemu-img convert")):
             if srv.get(f"{key}_mibs") and srv.get(f"{peer_key}_mibs"):
                 figures.append(fig("copy", label, "MiB/s", srv[f"{key}_mibs"], peer,
                                    srv[f"{peer_key}_mibs"]))

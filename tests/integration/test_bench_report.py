@@ -27,6 +27,7 @@ def test_report_quick(tmp_path):
     assert len(names) == len(set(names)) >= 14, names
     assert {b for b, _ in names} >= {"nbd", "qcow2", "fleecing (backup)", "fleecing (cbw)",
                                      "copy", "load", "qmp"}
+    assert ("copy", "pull to qcow2, zero-filled disk") in names
     assert {f["peer"] for f in report["figures"]} == {"qemu-storage-daemon", "qemu-img convert",
                                                       "nbdcopy"}
     for f in report["figures"]:
