@@ -15,8 +15,6 @@ on the calling thread (the "threads" model).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -39,7 +37,9 @@ _libc: Optional[Any] = None
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) through ctypes (the stdlib only has posix_fallocate)."""
     global _libc
+    import ctypes  # here: ctypes (with subprocess, tempfile) costs 3-5 ms of every start-up
     if _libc is None:
+        import ctypes.util
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     if _libc.fallocate(fd, mode, offset, length) != 0:
