@@ -147,6 +147,18 @@ def timed_cpu(cmd: list[str], timeout: float) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def verify_into(res: dict, key: str, reference: Path, out: Path, fmt: str,
+                timeout: float) -> None:
+    """qemu-img compare OUT (FMT) with the raw REFERENCE: ``res[KEY_verified]``, and
+    ``res["error"]`` when they differ."""
+    cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt,
+                          str(reference), str(out)], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    res[f"{key}_verified"] = cmp.returncode == 0
+    if cmp.returncode:
+        res["error"] = f"{key}: output differs: {cmp.stdout}{cmp.stderr}"
+
+
 def bench_engine(name: str, args, image: Path, work: Path) -> dict:
     def body(eng, res: dict) -> None:
         cmds = commands(eng.uri, eng.workdir)
@@ -159,12 +171,7 @@ def bench_engine(name: str, args, image: Path, work: Path) -> dict:
                 walls[metric].append(wall)
                 cpus[metric].append(cpu)
                 if args.verify and _run == 0:
-                    cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt,
-                                          str(image), str(out)], capture_output=True,
-                                         text=True, timeout=args.timeout, check=False)
-                    res[f"{metric}_verified"] = cmp.returncode == 0
-                    if cmp.returncode:
-                        res["error"] = f"{metric}: output differs: {cmp.stdout}{cmp.stderr}"
+                    verify_into(res, metric, image, out, fmt, args.timeout)
                 clean(out)
         for metric in cmds:
             res[f"{metric}_seconds"] = [round(r, 3) for r in walls[metric]]
@@ -205,13 +212,8 @@ def bench_engine(name: str, args, image: Path, work: Path) -> dict:
             incs.append(timed(copy_cmd(uri, inc, "qcow2")
                               + ["--base", str(full), "--dirty-bitmap", bitmap], args.timeout))
             if args.verify and _run == 0:
-                cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2",
-                                      str(eng.workdir / "inc-image.raw"), str(inc)],
-                                     capture_output=True, text=True, timeout=args.timeout,
-                                     check=False)
-                res["incremental_verified"] = cmp.returncode == 0
-                if cmp.returncode:
-                    res["error"] = f"incremental: output differs: {cmp.stdout}{cmp.stderr}"
+                verify_into(res, "incremental", eng.workdir / "inc-image.raw", inc, "qcow2",
+                            args.timeout)
         res["incremental_full_seconds"] = round(statistics.median(fulls), 3)
         res["incremental_seconds"] = round(statistics.median(incs), 3)
         res["incremental_ratio"] = round(statistics.median(incs) / statistics.median(fulls), 3)
@@ -228,12 +230,7 @@ def bench_engine(name: str, args, image: Path, work: Path) -> dict:
                 clean(out)
                 walls.append(timed(cmd, args.timeout))
                 if args.verify and _run == 0:
-                    cmp = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt,
-                                          str(alloc), str(out)], capture_output=True,
-                                         text=True, timeout=args.timeout, check=False)
-                    res[f"alloc_{metric}_verified"] = cmp.returncode == 0
-                    if cmp.returncode:
-                        res["error"] = f"alloc {metric}: output differs: {cmp.stdout}{cmp.stderr}"
+                    verify_into(res, f"alloc_{metric}", alloc, out, fmt, args.timeout)
             clean(out)
             res[f"alloc_{metric}_seconds"] = [round(r, 3) for r in walls]
             res[f"alloc_{metric}_mibs"] = round(args.size_mib / statistics.median(walls), 1)
