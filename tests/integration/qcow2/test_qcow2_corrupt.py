@@ -17,6 +17,7 @@ import pytest
 
 from blockd.errors import QMPError
 from helpers import qemu_img
+from helpers.tools import tmpfs
 from qcow2_qemu import LONG, MiB, assert_clean, check, create, io, to_raw
 from qcow2_testlib import file_bytes, open_qcow2, patch_file, read_all
 
@@ -296,3 +297,37 @@ def test_fuzzed_images(tmp_path):
     assert summary["bad"] == [], summary
     # The damage reached every layer: refused opens, failed I/O, working I/O.
     assert summary["open_refused"] and summary["io_failed"] and summary["io_ok"], summary
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_used_cluster_count_matches_a_cluster_by_cluster_count(graph, tmp_path, bits):
+    """Refcounts.count_used (block status's metadata-preallocation test) reads only the
+    refcount blocks that exist; it must count what a lookup per cluster counts."""
+    path = create(tmp_path / "r.qcow2", 4 * MiB, "cluster_size=512", f"refcount_bits={bits}")
+    io(path, "write -P 1 0 300k", "write -P 2 2M 64k", "discard 100k 50k", "write -P 3 3M 1k")
+    node = open_qcow2(graph, path, **{"read-only": True})
+    rc = node.driver.img.refcounts
+    end = -(-os.path.getsize(path) // 512)
+    for stop in (end, end // 3, end + 5000, 7):
+        want = sum(1 for i in range(stop) if rc.get(i))
+        assert rc.count_used(stop, 1 << 40) == want, stop
+        if want > 3:
+            assert 3 <= rc.count_used(stop, 3) <= want
+
+
+def test_block_status_of_an_image_whose_file_reaches_far_out(graph, tmp_path):
+    """Found by bench/fuzz_cov.py: an L2 entry pointing 2^55 bytes out makes a write grow
+    the file (sparse) that far, as in QEMU; block status then counted used clusters one
+    lookup per cluster of the file (2^46 of them) and hung. Now: the refcount table's
+    blocks only. (tmpfs: ext4 refuses such a file with EFBIG.)"""
+    with tmpfs(tmp_path / "fs", "16M") as fs:
+        path = create(fs / "f.qcow2", 1 * MiB, "cluster_size=512")
+        io(path, "write -P 1 0 64k")
+        far = 1 << 55
+        with open(path, "r+b") as f:
+            f.truncate(far)      # what the fuzzed write did to the file, without the write
+        node = open_qcow2(graph, path)
+        assert node.driver.file.getlength() == far
+        n, flags, _depth = node.block_status(0, 65536)
+        assert n > 0 and flags
+        graph.close_all()

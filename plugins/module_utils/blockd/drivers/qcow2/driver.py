@@ -583,13 +583,7 @@ class Qcow2Driver(Driver):
         real_clusters = real // cs
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         end_cluster = -(-self.file.getlength() // cs)
-        count = 0
-        for i in range(end_cluster):
-            if count >= threshold:
-                break
-            if img.refcounts.get(i):
-                count += 1
-        return count >= threshold
+        return img.refcounts.count_used(end_cluster, threshold) >= threshold
 
     # -- resize ------------------------------------------------------------------------
 
