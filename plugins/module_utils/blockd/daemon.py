@@ -35,7 +35,7 @@ class Daemon:
         #: The big lock: held while a command runs.
         self.lock = threading.RLock()
         self.graph = Graph(drivers.lookup)
-        self.schema = Schema()
+        self.schema = Schema.default()  # immutable, shared: parsed once per process
         self.handlers = load_all()
         self.nbd_server: Any = None
         self.exports: Dict[str, Any] = {}
