@@ -34,6 +34,7 @@ from .l2 import hx
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 _TYPECODES = {3: "B", 4: "H", 6: "Q"}
+_TYPECODES[5] = "I" if array("I").itemsize == 4 else "L"
 _NONZERO: Dict[int, bytes] = {}
 
 
@@ -45,7 +46,7 @@ def _nonzero_entries(order: int) -> bytes:
         _NONZERO[order] = bytes(sum(1 for k in range(0, 8, bits) if (b >> k) & mask)
                                 for b in range(256))
     return _NONZERO[order]
-_TYPECODES[5] = "I" if array("I").itemsize == 4 else "L"
+
 
 #: Discard kinds, as QEMU's Qcow2DiscardType.
 DISCARD_REQUEST = "request"
