@@ -28,6 +28,9 @@ process, so each input's coverage is seen (its threads included). Targets:
   zeroes, discards, flush) -- ``tests/integration/qcow2/qcow2_fuzz.py``'s session. Only
   clean refusals (QMPError on open, EIO and the like on I/O) are allowed.
 
+libFuzzer gets a dictionary per target: the QMP schema's command, member and enum names
+(JSON-quoted), the NBD magics, option and command codes and context names, the qcow2 magic.
+
 Each target runs in its own process (one libFuzzer each) that chroots, after the imports,
 into its work directory: a tmpfs of 512 MiB mounted for the run, so fuzzed paths cannot reach
 the machine's files and a full disk is one more error path (root only: mount and chroot).
@@ -58,7 +61,7 @@ MAX_LEN = {"qmp": 4096, "nbd": 4096, "qcow2": 65536}
 #: Size of each target's work directory (a tmpfs): the fuzzed engine's whole file system.
 WORK_SIZE = "512m"
 #: What the harness itself keeps in the work directory.
-KEEP = {"corpus", "artifacts", "disk.raw", "work.qcow2", "nbd.sock"}
+KEEP = {"corpus", "artifacts", "dict", "disk.raw", "work.qcow2", "nbd.sock"}
 
 
 # -- the worker: one target, one libFuzzer, in a chroot ----------------------------------------
@@ -289,7 +292,7 @@ def worker(target: str, runs: int, seed: int, work: Path, replay: list | None = 
             raise
     atheris.Setup([sys.argv[0], f"-runs={runs}", f"-seed={seed}", f"-max_len={MAX_LEN[target]}",
                    "-print_final_stats=1", "-artifact_prefix=/artifacts/", "-timeout=60",
-                   "-rss_limit_mb=4096", "/corpus"], one)   # (loads libFuzzer: before the chroot)
+                   "-rss_limit_mb=4096", "-dict=/dict", "/corpus"], one)   # (loads libFuzzer: before the chroot)
     os.chroot(str(work))
     os.chdir("/")
     harness.append({"qmp": QMPTarget, "nbd": NBDTarget, "qcow2": Qcow2Target}[target]())
@@ -307,6 +310,44 @@ def qmp_seeds() -> list[bytes]:
             for i, c in enumerate(sorted(gen.commands))]
     return cmds + [b'{"execute": "query-block"}', b"#{'execute': 'qmp_capabilities'}",
                    b'{"execute": "query-named-block-nodes", "arguments": {"flat": true}}']
+
+
+def _dict_line(token: bytes) -> str:
+    """One libFuzzer dictionary entry: the token quoted, every byte as \\xNN."""
+    return '"%s"' % "".join("\\x%02x" % b for b in token)
+
+
+def qmp_dict() -> list[bytes]:
+    """Tokens of the QMP schema (command and member names, enum values), JSON-quoted: byte
+    mutations alone rarely spell a command blockd has."""
+    schema = json.loads((REPO / "plugins/module_utils/blockd/qmp/schema.json").read_text())
+    words = set(schema["commands"]) | {"execute", "arguments", "id", "exec-oob"}
+
+    def walk(node):
+        if isinstance(node, dict):
+            words.update(k for k in node.get("properties", {}) if isinstance(k, str))
+            words.update(v for v in node.get("enum", []) if isinstance(v, str))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(schema)
+    return sorted(json.dumps(w).encode() for w in words)
+
+
+def nbd_dict() -> list[bytes]:
+    """Magics, option and command codes as the protocol packs them."""
+    import struct  # pylint: disable=import-outside-toplevel
+    from fuzz import proto  # pylint: disable=import-outside-toplevel
+    out = [struct.pack(">Q", proto.IHAVEOPT), struct.pack(">I", proto.REQUEST_MAGIC),
+           b"base:allocation", b"qemu:dirty-bitmap:b0", b"qemu:allocation-depth", b"qemu:"]
+    out += [struct.pack(">I", getattr(proto, n)) for n in dir(proto) if n.startswith("OPT_")
+            and isinstance(getattr(proto, n), int)]
+    out += [struct.pack(">H", getattr(proto, n)) for n in dir(proto) if n.startswith("CMD_")
+            and not n.startswith("CMD_FLAG") and isinstance(getattr(proto, n), int)
+            and getattr(proto, n) < 1 << 16]
+    return out
 
 
 def nbd_seeds() -> list[bytes]:
@@ -397,6 +438,8 @@ def _run_target(target: str, runs: int, seed: int, work: Path) -> dict:
     seeds = {"qmp": qmp_seeds, "nbd": nbd_seeds}.get(target, lambda: qcow2_seeds(work))()
     for i, data in enumerate(seeds):
         (work / "corpus" / f"seed-{i:03d}").write_bytes(data)
+    tokens = {"qmp": qmp_dict, "nbd": nbd_dict}.get(target, lambda: [b"QFI\xfb"])()
+    (work / "dict").write_text("".join(_dict_line(t) + "\n" for t in tokens))
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", target,
                            "--runs", str(runs), "--seed", str(seed), "--work", str(work)],
