@@ -45,13 +45,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import pkgutil
+import random
 import re
+import resource
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -73,7 +82,6 @@ class LogCatcher:
     """Errors blockd logs (a monitor or NBD connection that failed inside)."""
 
     def __init__(self):
-        import logging  # pylint: disable=import-outside-toplevel
         self.records = []
         handler = logging.Handler(logging.ERROR)
         handler.emit = lambda rec: self.records.append(rec)
@@ -81,7 +89,6 @@ class LogCatcher:
 
     def text(self) -> str:
         """The errors logged since the last call (with their tracebacks), and forget them."""
-        import logging  # pylint: disable=import-outside-toplevel
         records, self.records = self.records, []
         return "\n".join(logging.Formatter().format(rec) for rec in records)[-3000:]
 
@@ -92,8 +99,6 @@ class LogCatcher:
 
 def exchange(sock, data: bytes, timeout: float = 10.0) -> bytes:
     """Send DATA from a thread, then end the input; read until the peer closes."""
-    import socket  # pylint: disable=import-outside-toplevel
-    import threading  # pylint: disable=import-outside-toplevel
 
     def send():
         try:
@@ -136,8 +141,6 @@ class QMPTarget:
         return d
 
     def one(self, data: bytes) -> None:
-        import socket  # pylint: disable=import-outside-toplevel
-        import threading  # pylint: disable=import-outside-toplevel
         from blockd.qmp.server import Monitor  # pylint: disable=import-outside-toplevel
         payload = data[1:] if data[:1] == b"#" else b'{"execute": "qmp_capabilities"}' + data
         ours, theirs = socket.socketpair()
@@ -204,7 +207,6 @@ class NBDTarget:
                                        "writable": True, "bitmaps": ["b0"]})
 
     def one(self, data: bytes) -> None:
-        import socket  # pylint: disable=import-outside-toplevel
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect("/nbd.sock")
         exchange(sock, data)
@@ -219,9 +221,6 @@ class Qcow2Target:
         self.stats = {"open_refused": 0, "io_failed": 0, "io_ok": 0}
 
     def one(self, data: bytes) -> None:
-        import random  # pylint: disable=import-outside-toplevel
-        import traceback  # pylint: disable=import-outside-toplevel
-        import zlib  # pylint: disable=import-outside-toplevel
         rnd = random.Random(zlib.crc32(data))
         for read_only in (True, False):
             with open("/work.qcow2", "wb") as f:
@@ -241,8 +240,6 @@ class Qcow2Target:
 
 def worker(target: str, runs: int, seed: int, work: Path, replay: list | None = None) -> int:
     import atheris  # pylint: disable=import-outside-toplevel
-    import pkgutil  # pylint: disable=import-outside-toplevel
-    import resource  # pylint: disable=import-outside-toplevel
     os.environ["QCOW2_FUZZ_LIGHT"] = "1"          # qcow2_fuzz: 64 KiB reads
     sys.path[:0] = [str(REPO / "plugins" / "module_utils"),
                     str(REPO / "tests" / "integration" / "qcow2")]
@@ -286,7 +283,6 @@ def worker(target: str, runs: int, seed: int, work: Path, replay: list | None = 
         try:
             harness[0].one(data)
         except BaseException:
-            import traceback  # pylint: disable=import-outside-toplevel
             sys.stderr.write("FINDING:\n%s" % traceback.format_exc()[-4000:])
             sys.stderr.flush()
             raise
@@ -302,7 +298,6 @@ def worker(target: str, runs: int, seed: int, work: Path, replay: list | None = 
 
 # -- seeds (made before the chroot, from bench/fuzz.py's generators) ---------------------------
 def qmp_seeds() -> list[bytes]:
-    import random  # pylint: disable=import-outside-toplevel
     from fuzz import SchemaGen  # pylint: disable=import-outside-toplevel
     gen = SchemaGen(random.Random(1))
     cmds = [json.dumps({"execute": c, "id": i,
@@ -338,7 +333,6 @@ def qmp_dict() -> list[bytes]:
 
 def nbd_dict() -> list[bytes]:
     """Magics, option and command codes as the protocol packs them."""
-    import struct  # pylint: disable=import-outside-toplevel
     from fuzz import proto  # pylint: disable=import-outside-toplevel
     out = [struct.pack(">Q", proto.IHAVEOPT), struct.pack(">I", proto.REQUEST_MAGIC),
            b"base:allocation", b"qemu:dirty-bitmap:b0", b"qemu:allocation-depth", b"qemu:"]
@@ -352,8 +346,6 @@ def nbd_dict() -> list[bytes]:
 
 def nbd_seeds() -> list[bytes]:
     """Well-formed sessions (every command, on both exports) and bench/fuzz.py's hostile ones."""
-    import random  # pylint: disable=import-outside-toplevel
-    import struct  # pylint: disable=import-outside-toplevel
     from fuzz import nbd_case, proto  # pylint: disable=import-outside-toplevel
 
     def req(cmd, off=0, length=4096, flags=0, cookie=1):
